@@ -1,0 +1,367 @@
+//! One NBD client connection: handshake, request loop, reply writer.
+//!
+//! The reader reads a header, validates it with `tandem_proto`, charges the
+//! request's payload against the connection's byte budget *before*
+//! buffering it, reads the payload into an aligned buffer, and spawns the
+//! request. Each request task sends its reply to the writer task, which
+//! batches replies into as few socket writes as possible. Replies go out in
+//! completion order; the cookie matches them to requests.
+//!
+//! Ending a session (DISC, EOF, violation, server shutdown) stops the
+//! reader only. The writer ends when the last request task has sent its
+//! reply, then the write side is shut down and the export attachment is
+//! dropped: no request that was read goes unanswered while the socket lives.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use tandem_proto::AlignedBuf;
+use tandem_proto::nbd::consts::*;
+use tandem_proto::nbd::handshake::{
+    CloseReason, ExportCatalog, ExportDetails, Refusal, RefusalKind, ServerHandshake, Status,
+};
+use tandem_proto::nbd::transmission::{
+    Command, Decision, Limits, REQUEST_HEADER_LEN, RequestHeader, SimpleReply, validate,
+};
+
+use crate::export::{Export, ExportInfo, ZeroFlags};
+use crate::server::ServerLimits;
+
+/// Budget charged per request on top of its payload, bounding the number of
+/// requests a connection can have in flight.
+const PER_REQUEST_CHARGE: u32 = 4096;
+
+struct Reply {
+    header: [u8; 16],
+    data: Option<Bytes>,
+}
+
+/// Serve one client until it leaves or the server shuts down.
+pub(crate) async fn serve<R, W, E>(
+    reader: R,
+    mut writer: W,
+    export: Arc<E>,
+    limits: ServerLimits,
+    cancel: CancellationToken,
+    peer: String,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    E: Export,
+{
+    let mut reader = reader;
+    let mut input = BytesMut::with_capacity(4096);
+    let negotiated = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = tokio::time::timeout(
+            limits.handshake_timeout,
+            negotiate(&mut reader, &mut writer, &mut input, &*export, &peer),
+        ) => match r {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
+            Err(_) => {
+                info!("NBD client {peer}: handshake not finished in {:?}, closing", limits.handshake_timeout);
+                return;
+            }
+        },
+    };
+    let (info, attachment) = negotiated;
+    debug!("NBD client {peer}: in transmission");
+    let flags = transmission_flags(&info);
+    let proto_limits = Limits {
+        export_size: info.size,
+        max_payload: limits.max_payload,
+        flags,
+    };
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer_task = tokio::spawn(write_replies(writer, rx, peer.clone()));
+    // Bytes the client sent after its last option belong to transmission.
+    let chained = std::io::Cursor::new(input.freeze()).chain(reader);
+    let mut reader = BufReader::with_capacity(256 * 1024, chained);
+    let budget = Arc::new(Semaphore::new(limits.max_buffered_bytes as usize));
+
+    let end = loop {
+        let mut raw = [0u8; REQUEST_HEADER_LEN];
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break "server shutting down",
+            r = reader.read_exact(&mut raw) => if r.is_err() { break "client closed the connection" },
+        }
+        let header = match RequestHeader::decode(&raw) {
+            Ok(h) => h,
+            Err(e) => {
+                info!("NBD client {peer}: {e}; closing");
+                break "protocol violation";
+            }
+        };
+        let decision = validate(&header, &proto_limits);
+        let command = match decision {
+            Decision::Execute(Command::Disconnect) => break "client sent NBD_CMD_DISC",
+            Decision::Execute(c) => c,
+            Decision::Close(reason) => {
+                info!("NBD client {peer}: {reason}; closing");
+                break "protocol violation";
+            }
+            Decision::Reject { error, discard } => {
+                debug!("NBD client {peer}: rejecting {header:?} with {error}");
+                let skipped = tokio::io::copy(
+                    &mut (&mut reader).take(discard.into()),
+                    &mut tokio::io::sink(),
+                )
+                .await;
+                if !matches!(skipped, Ok(n) if n == u64::from(discard)) {
+                    break "client closed the connection";
+                }
+                let _ = tx.send(Reply {
+                    header: SimpleReply::err(header.cookie, error).encode(),
+                    data: None,
+                });
+                continue;
+            }
+        };
+        // Charge the budget before buffering the payload (or the read data).
+        let size = match command {
+            Command::Read { length, .. } | Command::Write { length, .. } => length,
+            _ => 0,
+        };
+        let Ok(permit) = budget
+            .clone()
+            .acquire_many_owned(size.saturating_add(PER_REQUEST_CHARGE))
+            .await
+        else {
+            break "budget closed";
+        };
+        let payload = if let Command::Write { length, .. } = command {
+            let mut buf = AlignedBuf::zeroed(length as usize);
+            if reader.read_exact(buf.as_mut_slice()).await.is_err() {
+                break "client closed the connection mid-payload";
+            }
+            Some(buf.into_bytes())
+        } else {
+            None
+        };
+        let (export, tx) = (export.clone(), tx.clone());
+        tokio::spawn(async move {
+            let reply = execute(&*export, header.cookie, command, payload).await;
+            let _ = tx.send(reply);
+            drop(permit);
+        });
+    };
+    debug!("NBD client {peer}: {end}; finishing requests in flight");
+    drop(tx);
+    let _ = writer_task.await;
+    drop(attachment);
+    debug!("NBD client {peer}: closed");
+}
+
+async fn execute<E: Export>(
+    export: &E,
+    cookie: u64,
+    command: Command,
+    payload: Option<Bytes>,
+) -> Reply {
+    let result = match command {
+        Command::Read { offset, length } => match export.read(offset, length).await {
+            Ok(data) => {
+                debug_assert_eq!(data.len(), length as usize);
+                return Reply {
+                    header: SimpleReply::ok(cookie).encode(),
+                    data: Some(data),
+                };
+            }
+            Err(e) => Err(e),
+        },
+        Command::Write { offset, fua, .. } => {
+            export.write(offset, payload.unwrap_or_default(), fua).await
+        }
+        Command::Flush => export.flush().await,
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => export.trim(offset, length, fua).await,
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            no_hole,
+            fast,
+        } => {
+            export
+                .write_zeroes(offset, length, ZeroFlags { fua, no_hole, fast })
+                .await
+        }
+        // Advisory; Tandem keeps no cache of its own to warm.
+        Command::Cache { .. } => Ok(()),
+        Command::Disconnect => unreachable!("handled by the reader"),
+    };
+    let header = match result {
+        Ok(()) => SimpleReply::ok(cookie),
+        Err(e) => SimpleReply::err(cookie, e),
+    };
+    Reply {
+        header: header.encode(),
+        data: None,
+    }
+}
+
+/// Write replies as they come, batching whatever is queued into one flush.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    peer: String,
+) {
+    let mut w = BufWriter::with_capacity(64 * 1024, writer);
+    let mut broken = false;
+    while let Some(first) = rx.recv().await {
+        if broken {
+            continue; // keep draining so request tasks never block
+        }
+        let mut next = Some(first);
+        while let Some(reply) = next {
+            if let Err(e) = write_reply(&mut w, &reply).await {
+                debug!("NBD client {peer}: cannot send reply: {e}");
+                broken = true;
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !broken && w.flush().await.is_err() {
+            broken = true;
+        }
+    }
+    if !broken {
+        let _ = w.shutdown().await;
+    }
+}
+
+async fn write_reply<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    reply: &Reply,
+) -> std::io::Result<()> {
+    w.write_all(&reply.header).await?;
+    if let Some(data) = &reply.data {
+        w.write_all(data).await?;
+    }
+    Ok(())
+}
+
+/// Run the handshake; `None` if the session ended during it.
+async fn negotiate<R, W, E>(
+    reader: &mut R,
+    writer: &mut W,
+    input: &mut BytesMut,
+    export: &E,
+    peer: &str,
+) -> Option<(ExportInfo, E::Attachment)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    E: Export,
+{
+    let mut hs = ServerHandshake::new();
+    let mut catalog = Catalog {
+        export,
+        selected: None,
+    };
+    let mut status = Status::NeedInput;
+    loop {
+        let out = hs.take_output();
+        if !out.is_empty() && writer.write_all(&out).await.is_err() {
+            return None;
+        }
+        match status {
+            Status::NeedInput => {}
+            Status::Transmission(_) => return catalog.selected.take(),
+            Status::Close(reason) => {
+                match reason {
+                    CloseReason::Aborted => debug!("NBD client {peer}: aborted negotiation"),
+                    CloseReason::Refused(r) => info!("NBD client {peer}: refused: {}", r.message),
+                    CloseReason::Violation(v) => info!("NBD client {peer}: {v}; closing"),
+                }
+                let _ = writer.shutdown().await;
+                return None;
+            }
+        }
+        match reader.read_buf(input).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        status = hs.handle_input(input, &mut catalog);
+    }
+}
+
+struct Catalog<'a, E: Export> {
+    export: &'a E,
+    selected: Option<(ExportInfo, E::Attachment)>,
+}
+
+impl<E: Export> Catalog<'_, E> {
+    fn check_name(&self, name: &str) -> Result<(), Refusal> {
+        if name.is_empty() || name == self.export.name() {
+            Ok(())
+        } else {
+            Err(Refusal {
+                kind: RefusalKind::UnknownExport,
+                message: format!(
+                    "no export named {name:?}; this server exports {:?}",
+                    self.export.name()
+                ),
+            })
+        }
+    }
+
+    fn details(&self, info: &ExportInfo) -> ExportDetails {
+        ExportDetails {
+            name: self.export.name().to_string(),
+            description: self.export.description(),
+            size: info.size,
+            flags: transmission_flags(info),
+            block_sizes: info.block_sizes,
+        }
+    }
+}
+
+impl<E: Export> ExportCatalog for Catalog<'_, E> {
+    fn list(&mut self) -> Vec<String> {
+        vec![self.export.name().to_string()]
+    }
+
+    fn describe(&mut self, name: &str) -> Result<ExportDetails, Refusal> {
+        self.check_name(name)?;
+        let info = self.export.info()?;
+        Ok(self.details(&info))
+    }
+
+    fn select(&mut self, name: &str) -> Result<ExportDetails, Refusal> {
+        self.check_name(name)?;
+        let (info, attachment) = self.export.attach()?;
+        let details = self.details(&info);
+        self.selected = Some((info, attachment));
+        Ok(details)
+    }
+}
+
+fn transmission_flags(info: &ExportInfo) -> u16 {
+    let mut flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_CACHE;
+    let mut set = |cond: bool, flag: u16| {
+        if cond {
+            flags |= flag;
+        }
+    };
+    set(info.read_only, TFLAG_READ_ONLY);
+    set(info.can_trim, TFLAG_SEND_TRIM);
+    set(info.can_write_zeroes, TFLAG_SEND_WRITE_ZEROES);
+    set(
+        info.can_write_zeroes && info.can_fast_zero,
+        TFLAG_SEND_FAST_ZERO,
+    );
+    set(info.can_multi_conn, TFLAG_CAN_MULTI_CONN);
+    flags
+}
