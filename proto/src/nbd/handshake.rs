@@ -676,7 +676,7 @@ mod tests {
     fn byte_at_a_time_input_gives_the_same_result() {
         let (mut hs, first) = start(CLIENT_FIXED_NEWSTYLE);
         let mut all = first.to_vec();
-        all.extend_from_slice(&encode_option(77, &vec![5u8; 100]));
+        all.extend_from_slice(&encode_option(77, &[5u8; 100]));
         all.extend_from_slice(&encode_option(OPT_LIST, &[]));
         all.extend_from_slice(&encode_option(OPT_EXPORT_NAME, b"r0"));
         let mut cat = OneExport {
