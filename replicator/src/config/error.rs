@@ -58,7 +58,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// Builds an [`ConfigError::Invalid`], keeping the message on one line.
+    /// Builds a [`ConfigError::Invalid`], keeping the message on one line.
     pub(super) fn invalid(path: &Path, line: Option<usize>, message: &str) -> Self {
         Self::Invalid {
             path: path.to_owned(),
