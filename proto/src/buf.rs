@@ -122,7 +122,7 @@ impl std::fmt::Debug for AlignedBuf {
 
 /// Whether `bytes` starts at an address aligned to `align`.
 pub fn is_aligned(bytes: &[u8], align: usize) -> bool {
-    (bytes.as_ptr() as usize) % align == 0
+    (bytes.as_ptr() as usize).is_multiple_of(align)
 }
 
 #[cfg(test)]
