@@ -27,7 +27,13 @@ pub enum Op {
     /// (file) / unmapping (device); `fast_only` fails with
     /// [`StorageError::NotSupported`] rather than writing zeros; `fua` makes
     /// the result durable before completion.
-    WriteZeroes { offset: u64, len: u64, may_unmap: bool, fast_only: bool, fua: bool },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fast_only: bool,
+        fua: bool,
+    },
 }
 
 /// What a successful op yields.
@@ -41,9 +47,18 @@ pub enum Done {
 pub enum StorageError {
     /// The operating system reported `errno` for this op.
     #[error("{op} at offset {offset}: {source}", source = std::io::Error::from_raw_os_error(*errno))]
-    Os { op: &'static str, offset: u64, errno: i32 },
+    Os {
+        op: &'static str,
+        offset: u64,
+        errno: i32,
+    },
     #[error("{op} at offset {offset}: short transfer ({done} of {wanted} bytes)")]
-    Short { op: &'static str, offset: u64, done: usize, wanted: usize },
+    Short {
+        op: &'static str,
+        offset: u64,
+        done: usize,
+        wanted: usize,
+    },
     /// A `fast_only` zeroing that cannot be fast.
     #[error("fast zeroing is not supported by this backing store")]
     NotSupported,
