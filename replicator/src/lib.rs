@@ -1,1 +1,4 @@
-//! placeholder
+//! Tandem's node: the replication core, storage engines, metadata and the
+//! daemon drivers.
+
+pub mod storage;

@@ -19,17 +19,12 @@
 //!   durable every write that completed before the `Flush` was submitted;
 //! - a plain `Write` never syncs.
 
-mod aligned;
 mod backing;
+mod blkdev;
 mod engine;
-mod threads;
-mod uring;
 
-pub use aligned::Storage;
-pub use backing::{Backing, BackingKind, IoMode, OpenOptions};
+pub use backing::{Backing, BackingError, BackingKind, IoMode, MAX_DIO_ALIGN, OpenOptions};
 pub use engine::{Completion, Done, Engine, EngineKind, EngineStats, Op, StorageError};
-pub use threads::ThreadsEngine;
-pub use uring::UringEngine;
 
 /// Which engine to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
