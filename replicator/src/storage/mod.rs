@@ -21,7 +21,10 @@
 
 mod backing;
 mod blkdev;
+mod callback;
 mod engine;
+mod plan;
+mod stats;
 
 pub use backing::{Backing, BackingError, BackingKind, IoMode, MAX_DIO_ALIGN, OpenOptions};
 pub use engine::{Completion, Done, Engine, EngineKind, EngineStats, Op, StorageError};
