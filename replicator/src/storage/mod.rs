@@ -25,9 +25,11 @@ mod callback;
 mod engine;
 mod plan;
 mod stats;
+mod threads;
 
 pub use backing::{Backing, BackingError, BackingKind, IoMode, MAX_DIO_ALIGN, OpenOptions};
 pub use engine::{Completion, Done, Engine, EngineKind, EngineStats, Op, StorageError};
+pub use threads::{DEFAULT_THREADS, ThreadsEngine};
 
 /// Which engine to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
