@@ -65,6 +65,17 @@ pub enum StorageError {
     /// The engine is shutting down.
     #[error("storage engine is shut down")]
     Shutdown,
+    /// The request reaches past the end of the backing store (reported by
+    /// `Storage`, which checks every range; engines do not).
+    #[error(
+        "{op} of {len} bytes at offset {offset} reaches past the end of the backing store ({size} bytes)"
+    )]
+    OutOfRange {
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
 }
 
 impl StorageError {
@@ -75,6 +86,7 @@ impl StorageError {
             StorageError::Short { .. } => libc::EIO,
             StorageError::NotSupported => libc::EOPNOTSUPP,
             StorageError::Shutdown => libc::ESHUTDOWN,
+            StorageError::OutOfRange { .. } => libc::EINVAL,
         }
     }
 }

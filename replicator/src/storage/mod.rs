@@ -23,10 +23,12 @@
 //!   durable every write that completed before the `Flush` was submitted;
 //! - a plain `Write` never syncs.
 
+mod aligned;
 mod backing;
 mod blkdev;
 mod callback;
 mod engine;
+mod locks;
 mod plan;
 mod stats;
 mod threads;
@@ -34,6 +36,7 @@ mod uring;
 
 use std::sync::Arc;
 
+pub use aligned::Storage;
 pub use backing::{Backing, BackingError, BackingKind, IoMode, MAX_DIO_ALIGN, OpenOptions};
 pub use engine::{Completion, Done, Engine, EngineKind, EngineStats, Op, StorageError};
 pub use threads::{DEFAULT_THREADS, ThreadsEngine};
