@@ -1,0 +1,537 @@
+//! The io_uring engine: one thread owns the ring and every op in flight.
+//!
+//! Submitters push `(op, completion)` into a locked queue and, if no wake-up
+//! is already pending, write the eventfd. The ring thread always keeps a poll
+//! on that eventfd armed, so it sleeps in `submit_and_wait` and wakes on
+//! either a completion or new work. Each op is driven by the same [`Plan`] as
+//! in the threads engine: every primitive the plan asks for becomes one SQE
+//! (read, write with `RWF_DSYNC` for FUA, `fsync(DATASYNC)`, `fallocate`),
+//! except block-device `BLKDISCARD`/`BLKZEROOUT`, which io_uring cannot do on
+//! the kernels we target and which run on a small side thread whose results
+//! come back through the same eventfd. SQEs beyond the free SQ space, or
+//! beyond the completion queue's capacity, wait in a backlog.
+//!
+//! Invariants:
+//! - only the ring thread touches the ring, the in-flight table and the
+//!   backlog; submitters and the side thread only touch the two locked
+//!   queues, so a completion (run on the ring thread, with no lock held) may
+//!   call `submit` re-entrantly;
+//! - an op's plan, and so every buffer an SQE points into, stays in the
+//!   in-flight table until the op's last CQE has been reaped; if the thread
+//!   ever unwinds with SQEs in the kernel, those plans are leaked, not freed;
+//! - every accepted op is completed exactly once, on the ring thread; a
+//!   refused one (after shutdown) at once, on the submitting thread;
+//! - `shutdown` stops accepting ops from other threads, waits until every
+//!   accepted op (and every follow-up its completion submitted) has
+//!   completed, then joins the thread;
+//! - a `Flush` SQE is only prepared after the op is taken from the queue, so
+//!   it is submitted after every write that completed before the `Flush` was
+//!   submitted; it is never linked to or drained behind other SQEs.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use io_uring::{IoUring, Probe, opcode, squeue, types};
+use rustix::io::Errno;
+
+use super::backing::{Backing, BackingKind};
+use super::blkdev;
+use super::callback::{EngineThreads, complete};
+use super::engine::{Completion, Engine, EngineKind, EngineStats, Op, StorageError};
+use super::plan::{Geometry, Plan, Prim, PrimResult, Step};
+use super::stats::Counters;
+
+/// The ring size callers use unless configured otherwise.
+pub const DEFAULT_URING_ENTRIES: u32 = 256;
+
+/// `user_data` of the eventfd poll; op slots use their index.
+const WAKE_TOKEN: u64 = u64::MAX;
+
+pub struct UringEngine {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What submitters, the side thread and the ring thread share.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Results of side-thread ioctls: (slot, result).
+    side_done: Mutex<Vec<(usize, PrimResult)>>,
+    eventfd: OwnedFd,
+    counters: Counters,
+    threads: EngineThreads,
+}
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<(Op, Completion)>,
+    /// The eventfd has been written since the ring thread last took `ops`.
+    wake_pending: bool,
+    shutting_down: bool,
+    /// The ring thread has exited: nothing will take `ops` any more.
+    stopped: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake(&self) {
+        // A full counter (EAGAIN) already means "wake up"; nothing else can fail.
+        let _ = rustix::io::write(&self.eventfd, &1u64.to_ne_bytes());
+    }
+}
+
+impl UringEngine {
+    /// Set up a ring of `entries` SQEs for `backing` and start its thread.
+    /// Fails when io_uring is unavailable (ENOSYS, EPERM from
+    /// `kernel.io_uring_disabled` or a seccomp filter, ...) or lacks an
+    /// operation this engine uses.
+    pub fn new(backing: Arc<Backing>, entries: u32) -> io::Result<UringEngine> {
+        let ring = IoUring::new(entries.max(2))?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        let needed = [
+            ("read", opcode::Read::CODE),
+            ("write", opcode::Write::CODE),
+            ("fsync", opcode::Fsync::CODE),
+            ("fallocate", opcode::Fallocate::CODE),
+            ("poll", opcode::PollAdd::CODE),
+        ];
+        if let Some((name, _)) = needed.iter().find(|(_, code)| !probe.is_supported(*code)) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("this kernel's io_uring lacks the {name} operation"),
+            ));
+        }
+
+        // SAFETY: eventfd has no memory-safety preconditions.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            side_done: Mutex::new(Vec::new()),
+            eventfd,
+            counters: Counters::default(),
+            threads: EngineThreads::new(),
+        });
+        let side = match backing.kind() {
+            BackingKind::BlockDevice => Some(SideThread::start(
+                Arc::clone(&backing),
+                Arc::clone(&shared),
+            )?),
+            BackingKind::File => None,
+        };
+        let ring_shared = Arc::clone(&shared);
+        // The ring thread's state holds raw pointers (not Send): build it there.
+        let thread = std::thread::Builder::new()
+            .name("storage-uring".into())
+            .spawn(move || RingThread::new(ring, ring_shared, side, backing).run())?;
+        Ok(UringEngine {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+}
+
+impl Engine for UringEngine {
+    fn submit(&self, op: Op, done: Completion) {
+        let on_ring_thread = self.shared.threads.is_current();
+        let mut queue = self.shared.lock();
+        if queue.stopped || (queue.shutting_down && !on_ring_thread) {
+            drop(queue);
+            complete(done, Err(StorageError::Shutdown));
+            return;
+        }
+        queue.ops.push((op, done));
+        // The ring thread looks at the queue before it sleeps again, so a
+        // submit from one of its completions needs no wake-up.
+        let wake = !on_ring_thread && !std::mem::replace(&mut queue.wake_pending, true);
+        drop(queue);
+        if wake {
+            self.shared.wake();
+        }
+    }
+
+    fn stats(&self) -> EngineStats {
+        self.shared.counters.snapshot()
+    }
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::IoUring
+    }
+
+    /// Drain and stop. Called from a completion (on the ring thread), it only
+    /// starts the shutdown: the thread cannot wait for itself.
+    fn shutdown(&self) {
+        self.shared.lock().shutting_down = true;
+        self.shared.wake();
+        if self.shared.threads.is_current() {
+            return;
+        }
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!("the io_uring storage thread panicked");
+        }
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// An op in flight.
+struct Slot {
+    plan: Plan,
+    done: Option<Completion>,
+    /// The primitive waiting in the backlog for SQ space.
+    pending: Option<Prim>,
+}
+
+/// State owned by the ring thread.
+struct RingThread {
+    geometry: Geometry,
+    fd: types::Fd,
+    ring: IoUring,
+    shared: Arc<Shared>,
+    side: Option<SideThread>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Occupied slots.
+    live: usize,
+    /// Slots whose pending primitive awaits SQ space.
+    backlog: VecDeque<usize>,
+    /// SQEs pushed whose CQE has not been reaped (the eventfd poll excluded).
+    in_kernel: usize,
+    /// Cap on `in_kernel`, so completions always fit the CQ.
+    max_in_kernel: usize,
+    poll_armed: bool,
+    cqes: Vec<(u64, i32)>,
+    /// Keeps the descriptor in `fd` open.
+    _backing: Arc<Backing>,
+}
+
+impl RingThread {
+    fn new(
+        ring: IoUring,
+        shared: Arc<Shared>,
+        side: Option<SideThread>,
+        backing: Arc<Backing>,
+    ) -> RingThread {
+        RingThread {
+            geometry: Geometry::of(&backing),
+            fd: types::Fd(backing.as_raw_fd()),
+            max_in_kernel: (ring.params().cq_entries() as usize)
+                .saturating_sub(1)
+                .max(1),
+            ring,
+            shared,
+            side,
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            backlog: VecDeque::new(),
+            in_kernel: 0,
+            poll_armed: false,
+            cqes: Vec::new(),
+            _backing: backing,
+        }
+    }
+
+    fn run(mut self) {
+        self.shared.threads.enter();
+        loop {
+            self.take_side_results();
+            self.take_new_ops();
+            self.fill_sq();
+            let must_not_sleep = {
+                let mut queue = self.shared.lock();
+                if queue.shutting_down && queue.ops.is_empty() && self.live == 0 {
+                    queue.stopped = true;
+                    break;
+                }
+                !queue.ops.is_empty()
+                    || (!self.backlog.is_empty() && self.in_kernel < self.max_in_kernel)
+                    || !self
+                        .shared
+                        .side_done
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_empty()
+            };
+            match self
+                .ring
+                .submit_and_wait(if must_not_sleep { 0 } else { 1 })
+            {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => panic!("io_uring_enter failed: {e}"),
+            }
+            self.reap();
+        }
+        if let Some(side) = self.side.take() {
+            side.stop();
+        }
+    }
+
+    fn take_side_results(&mut self) {
+        let results = std::mem::take(
+            &mut *self
+                .shared
+                .side_done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (slot, result) in results {
+            self.advance(slot, Some(result));
+        }
+    }
+
+    fn take_new_ops(&mut self) {
+        let ops = {
+            let mut queue = self.shared.lock();
+            queue.wake_pending = false;
+            std::mem::take(&mut queue.ops)
+        };
+        for (op, done) in ops {
+            let slot = Slot {
+                plan: Plan::new(op, self.geometry),
+                done: Some(done),
+                pending: None,
+            };
+            let index = match self.free.pop() {
+                Some(index) => {
+                    self.slots[index] = Some(slot);
+                    index
+                }
+                None => {
+                    self.slots.push(Some(slot));
+                    self.slots.len() - 1
+                }
+            };
+            self.live += 1;
+            self.advance(index, None);
+        }
+    }
+
+    /// Step slot `index`'s plan with `last` and act on what it says next.
+    fn advance(&mut self, index: usize, last: Option<PrimResult>) {
+        let slot = self.slots[index]
+            .as_mut()
+            .expect("advanced slot is occupied");
+        match slot.plan.step(last, &self.shared.counters) {
+            Step::Issue(prim @ (Prim::BlkDiscard { .. } | Prim::BlkZeroOut { .. })) => {
+                let side = self
+                    .side
+                    .as_ref()
+                    .expect("block-device ioctls only arise on block devices");
+                side.send(index, &prim);
+            }
+            Step::Issue(prim) => {
+                slot.pending = Some(prim);
+                self.backlog.push_back(index);
+            }
+            Step::Finished(result) => {
+                let mut slot = self.slots[index].take().expect("slot is occupied");
+                self.free.push(index);
+                self.live -= 1;
+                let done = slot.done.take().expect("an op completes once");
+                complete(done, result);
+            }
+        }
+    }
+
+    /// Move backlog primitives into the SQ while it and the CQ have room.
+    fn fill_sq(&mut self) {
+        let mut sq = self.ring.submission();
+        if !self.poll_armed {
+            let poll = opcode::PollAdd::new(
+                types::Fd(self.shared.eventfd.as_raw_fd()),
+                libc::POLLIN as u32,
+            )
+            .build()
+            .user_data(WAKE_TOKEN);
+            // SAFETY: a poll SQE references no memory.
+            if unsafe { sq.push(&poll) }.is_ok() {
+                self.poll_armed = true;
+            }
+        }
+        while self.in_kernel < self.max_in_kernel
+            && let Some(&index) = self.backlog.front()
+        {
+            let slot = self.slots[index]
+                .as_mut()
+                .expect("backlogged slot is occupied");
+            let prim = slot
+                .pending
+                .as_ref()
+                .expect("backlogged slot has a primitive");
+            let entry = sqe_for(self.fd, prim).user_data(index as u64);
+            // SAFETY: the SQE's buffer (if any) lives in this slot's plan, or
+            // is the static zero chunk. The slot stays in `slots`, and the
+            // plan is not stepped, until this SQE's CQE is reaped.
+            if unsafe { sq.push(&entry) }.is_err() {
+                break; // SQ full: submit, then come back
+            }
+            slot.pending = None;
+            self.backlog.pop_front();
+            self.in_kernel += 1;
+        }
+    }
+
+    fn reap(&mut self) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(
+            self.ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result())),
+        );
+        for &(user_data, result) in &cqes {
+            if user_data == WAKE_TOKEN {
+                self.poll_armed = false;
+                let mut counter = [0u8; 8];
+                // Reset the counter; EAGAIN (already zero) is fine.
+                let _ = rustix::io::read(&self.shared.eventfd, &mut counter);
+                continue;
+            }
+            self.in_kernel -= 1;
+            let result = if result < 0 {
+                Err(Errno::from_raw_os_error(-result))
+            } else {
+                Ok(result as usize)
+            };
+            self.advance(user_data as usize, Some(result));
+        }
+        cqes.clear();
+        self.cqes = cqes;
+    }
+}
+
+impl Drop for RingThread {
+    /// Runs when the thread ends, normally or by a panic. Refuse what is still
+    /// queued; on a panic with ops in flight, fail them and leak their plans,
+    /// whose buffers the kernel may still be using.
+    fn drop(&mut self) {
+        let queued = {
+            let mut queue = self.shared.lock();
+            queue.stopped = true;
+            std::mem::take(&mut queue.ops)
+        };
+        for (_, done) in queued {
+            complete(done, Err(StorageError::Shutdown));
+        }
+        if self.live > 0 {
+            tracing::error!(
+                ops = self.live,
+                "the io_uring storage thread stopped with ops in flight; failing them"
+            );
+            for slot in std::mem::take(&mut self.slots).into_iter().flatten() {
+                let Slot { plan, done, .. } = slot;
+                std::mem::forget(plan);
+                if let Some(done) = done {
+                    complete(done, Err(StorageError::Shutdown));
+                }
+            }
+        }
+    }
+}
+
+/// The SQE performing `prim` on `fd`.
+fn sqe_for(fd: types::Fd, prim: &Prim) -> squeue::Entry {
+    match *prim {
+        // Lengths are at most plan::MAX_TRANSFER (or ZERO_CHUNK), below u32::MAX.
+        Prim::Read { offset, buf, len } => opcode::Read::new(fd, buf, len as u32)
+            .offset(offset)
+            .build(),
+        Prim::Write {
+            offset,
+            buf,
+            len,
+            dsync,
+        } => opcode::Write::new(fd, buf, len as u32)
+            .offset(offset)
+            .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+            .build(),
+        Prim::Fdatasync => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
+        Prim::Fallocate { mode, offset, len } => opcode::Fallocate::new(fd, len)
+            .offset(offset)
+            .mode(mode.bits() as i32)
+            .build(),
+        Prim::BlkDiscard { .. } | Prim::BlkZeroOut { .. } => {
+            unreachable!("block-device ioctls go to the side thread")
+        }
+    }
+}
+
+/// A block-device ioctl for the side thread.
+enum Ioctl {
+    Discard,
+    ZeroOut,
+}
+
+/// The thread doing blocking block-device ioctls for the ring thread.
+struct SideThread {
+    jobs: mpsc::Sender<(usize, Ioctl, u64, u64)>,
+    handle: JoinHandle<()>,
+}
+
+impl SideThread {
+    fn start(backing: Arc<Backing>, shared: Arc<Shared>) -> io::Result<SideThread> {
+        let (jobs, rx) = mpsc::channel::<(usize, Ioctl, u64, u64)>();
+        let handle = std::thread::Builder::new()
+            .name("storage-uring-ioctl".into())
+            .spawn(move || {
+                for (slot, ioctl, offset, len) in rx {
+                    let result = match ioctl {
+                        Ioctl::Discard => blkdev::discard(backing.as_fd(), offset, len),
+                        Ioctl::ZeroOut => blkdev::zero_out(backing.as_fd(), offset, len),
+                    };
+                    shared
+                        .side_done
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((slot, result.map(|()| 0)));
+                    shared.wake();
+                }
+            })?;
+        Ok(SideThread { jobs, handle })
+    }
+
+    fn send(&self, slot: usize, prim: &Prim) {
+        let job = match *prim {
+            Prim::BlkDiscard { offset, len } => (slot, Ioctl::Discard, offset, len),
+            Prim::BlkZeroOut { offset, len } => (slot, Ioctl::ZeroOut, offset, len),
+            _ => unreachable!("only ioctls go to the side thread"),
+        };
+        self.jobs
+            .send(job)
+            .expect("the ioctl thread outlives the ring thread's use of it");
+    }
+
+    fn stop(self) {
+        drop(self.jobs);
+        if self.handle.join().is_err() {
+            tracing::error!("the storage ioctl thread panicked");
+        }
+    }
+}
