@@ -1,1 +1,4 @@
-fn main() {}
+//! `repctl`: see `tandem_replicator::ctl`.
+fn main() -> std::process::ExitCode {
+    tandem_replicator::ctl::main()
+}

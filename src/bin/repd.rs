@@ -1,1 +1,4 @@
-fn main() {}
+//! `repd`: see `tandem_replicator::daemon`.
+fn main() -> std::process::ExitCode {
+    tandem_replicator::daemon::main()
+}

@@ -207,6 +207,12 @@ impl Backing {
         self.logical_block_size
     }
 
+    /// The open file, for synchronous metadata I/O at start-up and by the
+    /// offline metadata commands (whole aligned blocks only when direct).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

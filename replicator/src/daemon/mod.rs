@@ -1,0 +1,272 @@
+//! `repd`: one resource on one node.
+//!
+//! Start-up order: configuration, memory protections, backing store (locked
+//! exclusively), metadata (must exist and belong to this resource and node),
+//! storage engine, core, control socket, NBD server. A failure at any step
+//! is one line on stderr and a non-zero exit.
+//!
+//! Stop order (SIGTERM, SIGINT or `repctl down`): the NBD server stops
+//! accepting and every connection finishes the requests it has read; then
+//! the core demotes and writes a clean-shutdown superblock; then the
+//! engines drain; then the process exits 0.
+
+mod control;
+mod export;
+mod logging;
+mod memory;
+mod shared;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, MetaDisk, NbdListen};
+use crate::control::Response;
+use crate::core::{Command, Node, NodeParams};
+use crate::metadata::offline::{self, MetaLocation};
+use crate::storage::{Backing, EngineChoice, IoMode, OpenOptions, Storage, start_engine};
+use control::ControlServer;
+use export::NodeExport;
+use logging::LogFormat;
+use shared::Shared;
+use tandem_nbd::{Listen, NbdServer, ServerLimits};
+
+/// `repd --config FILE [--node NAME]`
+#[derive(Debug, Parser)]
+#[command(
+    name = "repd",
+    version,
+    about = "Tandem replication daemon: runs one resource on one node, in the foreground"
+)]
+pub struct RepdArgs {
+    /// The resource's configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Which [[node]] of the configuration this is (default: the host name,
+    /// or the only node).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Log lines for people (`human`) or machines (`json`), on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Storage engine: io_uring when the kernel allows it, else threads.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    pub engine: EngineArg,
+    /// Backing store access: `direct` (O_DIRECT, no page cache) or
+    /// `buffered` (through the page cache; FLUSH does the writeback).
+    #[arg(long, value_enum, default_value_t = IoArg::Direct)]
+    pub io: IoArg,
+    /// Do not mlockall the daemon's memory.
+    #[arg(long)]
+    pub no_mlock: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineArg {
+    Auto,
+    IoUring,
+    Threads,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoArg {
+    Direct,
+    Buffered,
+}
+
+/// Entry point of the `repd` binary.
+pub fn main() -> ExitCode {
+    let args = RepdArgs::parse();
+    logging::init(args.log_format);
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("repd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn os_random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    match std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+    {
+        Ok(()) => u64::from_ne_bytes(buf),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
+        }
+    }
+}
+
+pub fn run(args: RepdArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    let node = config.node(args.node.as_deref())?.clone();
+    let peer = config.peer_of(&node.name).map(|p| p.name.clone());
+    memory::protect(!args.no_mlock);
+
+    let mode = match args.io {
+        IoArg::Direct => IoMode::Direct,
+        IoArg::Buffered => IoMode::Buffered,
+    };
+    let backing = Arc::new(
+        Backing::open(&node.disk, OpenOptions { mode })
+            .with_context(|| format!("cannot open disk {}", node.disk.display()))?,
+    );
+    let meta_backing = match &node.meta_disk {
+        MetaDisk::Internal => backing.clone(),
+        MetaDisk::External(path) => Arc::new(
+            Backing::open(path, OpenOptions { mode })
+                .with_context(|| format!("cannot open meta-disk {}", path.display()))?,
+        ),
+    };
+    let loc = match &node.meta_disk {
+        MetaDisk::Internal => MetaLocation::Internal {
+            file: backing.file(),
+            size: backing.size(),
+        },
+        MetaDisk::External(_) => MetaLocation::External {
+            file: meta_backing.file(),
+            meta_size: meta_backing.size(),
+            data_size: backing.size(),
+        },
+    };
+    let sb = offline::load(&loc)
+        .with_context(|| format!("no usable metadata for disk {}", node.disk.display()))?;
+    if sb.resource != config.resource.name || sb.node != node.name {
+        bail!(
+            "the metadata on {} belongs to resource {:?} node {:?}, but this is resource {:?} node {:?}; check `disk` in {} (or re-create the metadata with `repctl create-md --force`)",
+            node.disk.display(),
+            sb.resource,
+            sb.node,
+            config.resource.name,
+            node.name,
+            args.config.display()
+        );
+    }
+
+    let choice = match args.engine {
+        EngineArg::Auto => EngineChoice::Auto,
+        EngineArg::IoUring => EngineChoice::IoUring,
+        EngineArg::Threads => EngineChoice::Threads,
+    };
+    let engine =
+        start_engine(backing.clone(), choice).context("cannot start the storage engine")?;
+    let storage = Storage::new(engine, &backing);
+    let meta = if Arc::ptr_eq(&backing, &meta_backing) {
+        storage.clone()
+    } else {
+        let engine = start_engine(meta_backing.clone(), choice)
+            .context("cannot start the metadata engine")?;
+        Storage::new(engine, &meta_backing)
+    };
+    info!(
+        "disk {}: {} bytes of data, {} engine, {}",
+        node.disk.display(),
+        sb.layout.data_size,
+        storage.engine_kind().as_str(),
+        if storage.is_direct() {
+            "O_DIRECT"
+        } else {
+            "buffered"
+        }
+    );
+
+    let params = NodeParams {
+        resource: config.resource.name.clone(),
+        node: node.name.clone(),
+        peer,
+        fencing: config.resource.fencing,
+        on_io_error: config.disk.on_io_error,
+        seed: os_random_u64(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("repd")
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(async {
+        let shared = Shared::new(Node::new(params, sb), storage.clone(), meta.clone());
+        serve(&config, &node, shared).await
+    });
+    storage.shutdown();
+    meta.shutdown();
+    result
+}
+
+async fn serve(
+    config: &Config,
+    node: &crate::config::NodeConfig,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let (down_tx, mut down_rx) = mpsc::unbounded_channel();
+    let _control = ControlServer::bind(&node.control, shared.clone(), down_tx, cancel.clone())
+        .with_context(|| format!("cannot open control socket {}", node.control.display()))?;
+    let listen = match &node.nbd {
+        NbdListen::Tcp(addr) => Listen::Tcp(*addr),
+        NbdListen::Unix(path) => Listen::Unix(path.clone()),
+    };
+    let export = Arc::new(NodeExport::new(
+        shared.clone(),
+        &config.resource.name,
+        &node.name,
+    ));
+    let nbd = NbdServer::start(export, &[listen], ServerLimits::default()).await?;
+    info!(
+        "repd {} of resource {} ready: NBD on {:?}, control on {}",
+        node.name,
+        config.resource.name,
+        nbd.bound(),
+        node.control.display()
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let down = tokio::select! {
+        _ = term.recv() => { info!("SIGTERM: stopping"); None }
+        _ = int.recv() => { info!("SIGINT: stopping"); None }
+        Some(d) = down_rx.recv() => { info!("repctl down: stopping"); Some(d) }
+    };
+
+    nbd.shutdown().await;
+    let result = shared.command(Command::Down).await;
+    match &result {
+        Ok(_) => info!("clean stop: metadata written"),
+        Err(e) => warn!("stop: {}", e.message),
+    }
+    cancel.cancel();
+    if let Some(d) = down {
+        let response = match &result {
+            Ok(_) => Response::ok("stopped"),
+            Err(e) => Response::error(e.message.clone()),
+        };
+        d.respond(response).await;
+    }
+    result.map(drop).map_err(|e| anyhow::anyhow!(e.message))
+}
+
+/// A `repctl down` waiting for its answer, and for the answer to be written
+/// before the process exits.
+pub struct DownRequest {
+    reply: oneshot::Sender<Response>,
+    written: oneshot::Receiver<()>,
+}
+
+impl DownRequest {
+    async fn respond(self, response: Response) {
+        if self.reply.send(response).is_ok() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.written).await;
+        }
+    }
+}

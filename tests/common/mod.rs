@@ -1,0 +1,344 @@
+//! Harness for system tests: real `repd` processes, real clients.
+//!
+//! A [`Cluster`] owns a temporary directory with a generated configuration,
+//! sparse backing files, and the `repd` processes it starts. Dropping it
+//! kills the processes it started (by PID) and removes the directory; if
+//! the test is failing, the daemons' logs are printed first.
+
+#![allow(dead_code)]
+
+pub mod nbd;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const REPD: &str = env!("CARGO_BIN_EXE_repd");
+pub const REPCTL: &str = env!("CARGO_BIN_EXE_repctl");
+
+/// Fail with a clear message when an external tool is missing.
+pub fn require(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(found, "this test needs `{tool}`; `.ci/run` installs it (apt-get install -y libnbd-bin nbdkit nbdfuse qemu-utils fio nbd-client)");
+}
+
+/// Poll `f` until it returns `Some`, or panic after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a command printed and how it exited.
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "command failed: {self:?}");
+        self
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Out {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// How a node's NBD server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdKind {
+    Unix,
+    Tcp,
+}
+
+#[derive(Debug)]
+pub struct NodeHandle {
+    pub name: String,
+    pub disk: PathBuf,
+    pub control: PathBuf,
+    pub nbd_socket: PathBuf,
+    pub nbd_port: u16,
+    pub nbd_kind: NbdKind,
+    pub link_port: u16,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+/// Builder for a test resource.
+pub struct Spec {
+    pub nodes: Vec<&'static str>,
+    pub size: u64,
+    pub nbd: NbdKind,
+    /// Extra TOML appended to the `[resource]` section.
+    pub resource_extra: String,
+    /// Extra sections appended to the file.
+    pub extra_sections: String,
+    pub repd_args: Vec<String>,
+}
+
+impl Spec {
+    pub fn single(size: u64) -> Spec {
+        Spec {
+            nodes: vec!["alpha"],
+            size,
+            nbd: NbdKind::Unix,
+            resource_extra: String::new(),
+            extra_sections: String::new(),
+            repd_args: Vec::new(),
+        }
+    }
+
+    pub fn nbd(mut self, kind: NbdKind) -> Spec {
+        self.nbd = kind;
+        self
+    }
+
+    pub fn repd_args(mut self, args: &[&str]) -> Spec {
+        self.repd_args = args.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn build(self) -> Cluster {
+        Cluster::new(self)
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub nodes: Vec<NodeHandle>,
+    pub repd_args: Vec<String>,
+}
+
+impl Cluster {
+    fn new(spec: Spec) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().unwrap();
+        let mut toml = format!("[resource]\nname = \"r0\"\n{}\n", spec.resource_extra);
+        let mut nodes = Vec::new();
+        for name in &spec.nodes {
+            let disk = dir.path().join(format!("{name}.img"));
+            let f = std::fs::File::create(&disk).unwrap();
+            f.set_len(spec.size).unwrap();
+            let node = NodeHandle {
+                name: name.to_string(),
+                disk,
+                control: dir.path().join(format!("{name}.ctl")),
+                nbd_socket: dir.path().join(format!("{name}.nbd")),
+                nbd_port: free_port(),
+                nbd_kind: spec.nbd,
+                link_port: free_port(),
+                log: dir.path().join(format!("{name}.log")),
+                child: None,
+            };
+            let nbd = match spec.nbd {
+                NbdKind::Unix => format!("unix:{}", node.nbd_socket.display()),
+                NbdKind::Tcp => format!("127.0.0.1:{}", node.nbd_port),
+            };
+            toml += &format!(
+                "\n[[node]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"{}\"\ncontrol = \"{}\"\n",
+                node.name,
+                node.link_port,
+                node.disk.display(),
+                nbd,
+                node.control.display()
+            );
+            nodes.push(node);
+        }
+        toml += &spec.extra_sections;
+        let config = dir.path().join("r0.toml");
+        std::fs::write(&config, toml).unwrap();
+        Cluster { dir, config, nodes, repd_args: spec.repd_args }
+    }
+
+    pub fn node(&self, name: &str) -> &NodeHandle {
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut NodeHandle {
+        self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// `repctl --config … --node NAME args…`
+    pub fn repctl(&self, node: &str, args: &[&str]) -> Out {
+        run(Command::new(REPCTL).arg("--config").arg(&self.config).arg("--node").arg(node).args(args))
+    }
+
+    /// Start `repd` for `node` and wait until it answers `status`.
+    pub fn start(&mut self, node: &str) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.node(node).log).unwrap();
+        let child = Command::new(REPD)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--node")
+            .arg(node)
+            .args(&self.repd_args)
+            .env("TANDEM_LOG", std::env::var("TANDEM_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn repd");
+        self.node_mut(node).child = Some(child);
+        let name = node.to_string();
+        wait_for(&format!("repd {name} to answer"), Duration::from_secs(20), || {
+            if let Some(code) = self.try_exit(&name) {
+                panic!("repd {name} exited with {code:?} during start:\n{}", self.log(&name));
+            }
+            (self.repctl(&name, &["status", "--json"]).code == 0).then_some(())
+        });
+    }
+
+    /// The exit status if `node`'s repd has exited.
+    pub fn try_exit(&mut self, node: &str) -> Option<Option<i32>> {
+        let child = self.node_mut(node).child.as_mut()?;
+        child.try_wait().unwrap().map(|s| s.code())
+    }
+
+    /// `create-md`, start, `primary --force`: a serving single node.
+    pub fn up_primary(&mut self, node: &str) {
+        self.repctl(node, &["create-md"]).ok();
+        self.start(node);
+        self.repctl(node, &["primary", "--force"]).ok();
+    }
+
+    /// `repctl down`, then wait for the process; returns its exit code.
+    pub fn down(&mut self, node: &str) -> Option<i32> {
+        let out = self.repctl(node, &["down"]);
+        assert_eq!(out.code, 0, "repctl down failed: {out:?}");
+        self.wait_exit(node)
+    }
+
+    pub fn wait_exit(&mut self, node: &str) -> Option<i32> {
+        let name = node.to_string();
+        wait_for(&format!("repd {name} to exit"), Duration::from_secs(30), || self.try_exit(&name))
+    }
+
+    /// SIGKILL `node`'s repd (a crash).
+    pub fn kill(&mut self, node: &str) {
+        if let Some(mut child) = self.node_mut(node).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM `node`'s repd and wait; returns its exit code.
+    pub fn terminate(&mut self, node: &str) -> Option<i32> {
+        let pid = self.node(node).child.as_ref().expect("running").id();
+        // SAFETY: kill with a PID we started and have not reaped.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        self.wait_exit(node)
+    }
+
+    pub fn pid(&self, node: &str) -> u32 {
+        self.node(node).child.as_ref().expect("running").id()
+    }
+
+    pub fn status(&self, node: &str) -> Value {
+        let out = self.repctl(node, &["status", "--json"]).ok();
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad status JSON {e}: {}", out.stdout))
+    }
+
+    pub fn dump_md(&self, node: &str) -> Value {
+        let out = self.repctl(node, &["dump-md"]).ok();
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+
+    /// An NBD URI for libnbd tools (nbdinfo, nbdcopy, nbdfuse, fio).
+    pub fn uri(&self, node: &str) -> String {
+        let n = self.node(node);
+        match n.nbd_kind {
+            NbdKind::Unix => format!("nbd+unix:///r0?socket={}", n.nbd_socket.display()),
+            NbdKind::Tcp => format!("nbd://127.0.0.1:{}/r0", n.nbd_port),
+        }
+    }
+
+    /// qemu's `--image-opts` for the export.
+    pub fn qemu_opts(&self, node: &str) -> String {
+        let n = self.node(node);
+        match n.nbd_kind {
+            NbdKind::Unix => format!("driver=nbd,server.type=unix,server.path={},export=r0", n.nbd_socket.display()),
+            NbdKind::Tcp => format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=r0", n.nbd_port),
+        }
+    }
+
+    /// Run `qemu-io -c CMD…` against the export.
+    pub fn qemu_io(&self, node: &str, cmds: &[&str]) -> Out {
+        let mut c = Command::new("qemu-io");
+        c.arg("--image-opts").arg(self.qemu_opts(node));
+        for cmd in cmds {
+            c.arg("-c").arg(cmd);
+        }
+        run(&mut c)
+    }
+
+    pub fn log(&self, node: &str) -> String {
+        std::fs::read_to_string(&self.node(node).log).unwrap_or_default()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        if std::thread::panicking() {
+            for n in &names {
+                let log = self.log(n);
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                eprintln!("----- repd {n} log (last 60 lines) -----");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        for n in &names {
+            self.kill(n);
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for test data.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn read_file_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset).unwrap();
+    buf
+}
