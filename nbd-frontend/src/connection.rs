@@ -84,7 +84,8 @@ pub(crate) async fn serve<R, W, E>(
     // Bytes the client sent after its last option belong to transmission.
     let chained = std::io::Cursor::new(input.freeze()).chain(reader);
     let mut reader = BufReader::with_capacity(256 * 1024, chained);
-    let budget = Arc::new(Semaphore::new(limits.max_buffered_bytes as usize));
+    let budget_total = limits.max_buffered_bytes.max(1);
+    let budget = Arc::new(Semaphore::new(budget_total as usize));
 
     let end = loop {
         let mut raw = [0u8; REQUEST_HEADER_LEN];
@@ -126,15 +127,14 @@ pub(crate) async fn serve<R, W, E>(
             }
         };
         // Charge the budget before buffering the payload (or the read data).
+        // A request larger than the whole budget is charged the whole
+        // budget: it runs alone instead of waiting forever.
         let size = match command {
             Command::Read { length, .. } | Command::Write { length, .. } => length,
             _ => 0,
         };
-        let Ok(permit) = budget
-            .clone()
-            .acquire_many_owned(size.saturating_add(PER_REQUEST_CHARGE))
-            .await
-        else {
+        let charge = size.saturating_add(PER_REQUEST_CHARGE).min(budget_total);
+        let Ok(permit) = budget.clone().acquire_many_owned(charge).await else {
             break "budget closed";
         };
         let payload = if let Command::Write { length, .. } = command {

@@ -42,6 +42,7 @@ pub struct ServerLimits {
     pub max_payload: u32,
     /// Payload bytes one connection may have buffered in flight (plus a
     /// small per-request charge, so the number of requests is bounded too).
+    /// A single request larger than this is let through on its own.
     pub max_buffered_bytes: u32,
     /// A client that has not finished negotiating after this is dropped.
     pub handshake_timeout: Duration,

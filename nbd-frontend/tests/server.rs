@@ -1300,3 +1300,36 @@ async fn byte_budget_bounds_payload_in_flight() {
     c.disconnect().await;
     ts.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_larger_than_the_budget_still_complete() {
+    // A budget smaller than one request (or than the per-request charge)
+    // must not stall the connection: such a request runs alone.
+    for budget in [256 * 1024, 1000, 0] {
+        let limits = ServerLimits {
+            max_buffered_bytes: budget,
+            ..ServerLimits::default()
+        };
+        let ts = TestServer::start(MemExport::new(4 * MIB), limits).await;
+        let mut c = client(&ts.tcp).await;
+        let big = data(77, 2 * MIB as usize);
+        c.write(MIB, &big).await;
+        assert_eq!(&c.read(MIB, 2 * MIB as u32).await[..], &big[..]);
+        // Pipelined requests of every size, including zero-length ones.
+        let mut cookies = Vec::new();
+        for i in 0..8u64 {
+            cookies.push(c.tx.write(i * 4096, &data(i, 4096), 0).await);
+            cookies.push(c.tx.read(MIB, (MIB as u32) >> i).await);
+            cookies.push(c.tx.command(CMD_FLUSH, 0, 0, 0).await);
+        }
+        for _ in 0..cookies.len() {
+            c.rx.reply().await.ok();
+        }
+        assert!(
+            ts.export.max_inflight_bytes() <= u64::from(budget).max(2 * MIB),
+            "budget {budget}"
+        );
+        c.disconnect().await;
+        ts.server.shutdown().await;
+    }
+}
