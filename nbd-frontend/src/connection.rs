@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -39,6 +39,9 @@ const PER_REQUEST_CHARGE: u32 = 4096;
 struct Reply {
     header: [u8; 16],
     data: Option<Bytes>,
+    /// The request's share of the byte budget, given back only once the
+    /// writer has written the reply: read data waiting to be sent counts.
+    budget: OwnedSemaphorePermit,
 }
 
 /// Serve one client until it leaves or the server shuts down.
@@ -119,9 +122,17 @@ pub(crate) async fn serve<R, W, E>(
                 if !matches!(skipped, Ok(n) if n == u64::from(discard)) {
                     break "client closed the connection";
                 }
+                // Error replies are charged too, so a client that sends
+                // bad requests without reading replies cannot queue
+                // unbounded replies.
+                let charge = PER_REQUEST_CHARGE.min(budget_total);
+                let Ok(permit) = budget.clone().acquire_many_owned(charge).await else {
+                    break "budget closed";
+                };
                 let _ = tx.send(Reply {
                     header: SimpleReply::err(header.cookie, error).encode(),
                     data: None,
+                    budget: permit,
                 });
                 continue;
             }
@@ -148,9 +159,8 @@ pub(crate) async fn serve<R, W, E>(
         };
         let (export, tx) = (export.clone(), tx.clone());
         tokio::spawn(async move {
-            let reply = execute(&*export, header.cookie, command, payload).await;
+            let reply = execute(&*export, header.cookie, command, payload, permit).await;
             let _ = tx.send(reply);
-            drop(permit);
         });
     };
     debug!("NBD client {peer}: {end}; finishing requests in flight");
@@ -165,6 +175,7 @@ async fn execute<E: Export>(
     cookie: u64,
     command: Command,
     payload: Option<Bytes>,
+    budget: OwnedSemaphorePermit,
 ) -> Reply {
     let result = match command {
         Command::Read { offset, length } => match export.read(offset, length).await {
@@ -173,6 +184,7 @@ async fn execute<E: Export>(
                 return Reply {
                     header: SimpleReply::ok(cookie).encode(),
                     data: Some(data),
+                    budget,
                 };
             }
             Err(e) => Err(e),
@@ -208,10 +220,13 @@ async fn execute<E: Export>(
     Reply {
         header: header.encode(),
         data: None,
+        budget,
     }
 }
 
 /// Write replies as they come, batching whatever is queued into one flush.
+/// Each reply's budget permit is released once it is written (or dropped
+/// because the connection broke).
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
@@ -225,7 +240,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         }
         let mut next = Some(first);
         while let Some(reply) = next {
-            if let Err(e) = write_reply(&mut w, &reply).await {
+            let written = write_reply(&mut w, &reply).await;
+            // The reply has left the queue (for the socket or the bounded
+            // write buffer): give its share of the budget back.
+            drop(reply.budget);
+            if let Err(e) = written {
                 debug!("NBD client {peer}: cannot send reply: {e}");
                 broken = true;
                 break;

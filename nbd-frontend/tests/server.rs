@@ -1333,3 +1333,41 @@ async fn requests_larger_than_the_budget_still_complete() {
         ts.server.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_budget_covers_read_data_not_yet_sent() {
+    // A client that asks for lots of data and reads it slowly must not make
+    // the server queue the data in memory: read data counts against the
+    // budget until it is written to the socket.
+    const BUDGET: u64 = MIB;
+    const LEN: u64 = 256 * 1024;
+    const N: u64 = 128;
+    let limits = ServerLimits {
+        max_buffered_bytes: BUDGET as u32,
+        ..ServerLimits::default()
+    };
+    let ts = TestServer::start(MemExport::new(4 * MIB), limits).await;
+    let e = ts.export.clone();
+    let mut c = client(&ts.unix).await;
+    for i in 0..N {
+        c.tx.read((i % 16) * LEN, LEN as u32).await;
+    }
+    // Completed reads not yet received by the client: those holding budget,
+    // plus what the kernel's socket buffers hold (a few hundred KiB for a
+    // unix socket; allow 4 MiB), plus the one being received.
+    let bound = BUDGET / LEN + 4 * MIB / LEN + 1;
+    for received in 0..N {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let done = e.reads_done();
+        assert!(
+            done <= received + bound,
+            "{done} reads done, {received} received: read data is queued beyond the budget"
+        );
+        let r = c.rx.reply().await;
+        r.ok();
+    }
+    c.disconnect().await;
+    ts.server.shutdown().await;
+}
