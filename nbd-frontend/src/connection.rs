@@ -5,10 +5,13 @@
 //! buffering it, reads the payload into an aligned buffer, and spawns the
 //! request. Each request task sends its reply to the writer task, which
 //! batches replies into as few socket writes as possible. Replies go out in
-//! completion order; the cookie matches them to requests.
+//! completion order; the cookie matches them to requests. A request's
+//! budget is given back only when its reply has been written, so read data
+//! waiting for a slow client counts too.
 //!
 //! Ending a session (DISC, EOF, violation, server shutdown) stops the
-//! reader only. The writer ends when the last request task has sent its
+//! reader only. Shutdown also abandons a request the client has only half
+//! sent: it was never read, so it is never executed or answered. The writer ends when the last request task has sent its
 //! reply, then the write side is shut down and the export attachment is
 //! dropped: no request that was read goes unanswered while the socket lives.
 
@@ -87,87 +90,151 @@ pub(crate) async fn serve<R, W, E>(
     // Bytes the client sent after its last option belong to transmission.
     let chained = std::io::Cursor::new(input.freeze()).chain(reader);
     let mut reader = BufReader::with_capacity(256 * 1024, chained);
-    let budget_total = limits.max_buffered_bytes.max(1);
-    let budget = Arc::new(Semaphore::new(budget_total as usize));
+    let budget = Budget::new(limits.max_buffered_bytes);
 
+    // The whole request (header, budget, payload) is read under the
+    // cancellation: a client that stops mid-request cannot hold up shutdown.
     let end = loop {
-        let mut raw = [0u8; REQUEST_HEADER_LEN];
-        tokio::select! {
+        let next = tokio::select! {
             biased;
             _ = cancel.cancelled() => break "server shutting down",
-            r = reader.read_exact(&mut raw) => if r.is_err() { break "client closed the connection" },
-        }
-        let header = match RequestHeader::decode(&raw) {
-            Ok(h) => h,
-            Err(e) => {
-                info!("NBD client {peer}: {e}; closing");
-                break "protocol violation";
-            }
+            next = read_request(&mut reader, &proto_limits, &budget, &peer) => next,
         };
-        let decision = validate(&header, &proto_limits);
-        let command = match decision {
-            Decision::Execute(Command::Disconnect) => break "client sent NBD_CMD_DISC",
-            Decision::Execute(c) => c,
-            Decision::Close(reason) => {
-                info!("NBD client {peer}: {reason}; closing");
-                break "protocol violation";
+        match next {
+            Next::End(why) => break why,
+            Next::Answer(reply) => {
+                let _ = tx.send(reply);
             }
-            Decision::Reject { error, discard } => {
-                debug!("NBD client {peer}: rejecting {header:?} with {error}");
-                let skipped = tokio::io::copy(
-                    &mut (&mut reader).take(discard.into()),
-                    &mut tokio::io::sink(),
-                )
-                .await;
-                if !matches!(skipped, Ok(n) if n == u64::from(discard)) {
-                    break "client closed the connection";
-                }
-                // Error replies are charged too, so a client that sends
-                // bad requests without reading replies cannot queue
-                // unbounded replies.
-                let charge = PER_REQUEST_CHARGE.min(budget_total);
-                let Ok(permit) = budget.clone().acquire_many_owned(charge).await else {
-                    break "budget closed";
-                };
-                let _ = tx.send(Reply {
-                    header: SimpleReply::err(header.cookie, error).encode(),
-                    data: None,
-                    budget: permit,
+            Next::Run {
+                cookie,
+                command,
+                payload,
+                budget,
+            } => {
+                let (export, tx) = (export.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let reply = execute(&*export, cookie, command, payload, budget).await;
+                    let _ = tx.send(reply);
                 });
-                continue;
             }
-        };
-        // Charge the budget before buffering the payload (or the read data).
-        // A request larger than the whole budget is charged the whole
-        // budget: it runs alone instead of waiting forever.
-        let size = match command {
-            Command::Read { length, .. } | Command::Write { length, .. } => length,
-            _ => 0,
-        };
-        let charge = size.saturating_add(PER_REQUEST_CHARGE).min(budget_total);
-        let Ok(permit) = budget.clone().acquire_many_owned(charge).await else {
-            break "budget closed";
-        };
-        let payload = if let Command::Write { length, .. } = command {
-            let mut buf = AlignedBuf::zeroed(length as usize);
-            if reader.read_exact(buf.as_mut_slice()).await.is_err() {
-                break "client closed the connection mid-payload";
-            }
-            Some(buf.into_bytes())
-        } else {
-            None
-        };
-        let (export, tx) = (export.clone(), tx.clone());
-        tokio::spawn(async move {
-            let reply = execute(&*export, header.cookie, command, payload, permit).await;
-            let _ = tx.send(reply);
-        });
+        }
     };
     debug!("NBD client {peer}: {end}; finishing requests in flight");
     drop(tx);
     let _ = writer_task.await;
     drop(attachment);
     debug!("NBD client {peer}: closed");
+}
+
+/// A connection's byte budget.
+struct Budget {
+    permits: Arc<Semaphore>,
+    total: u32,
+}
+
+impl Budget {
+    fn new(max_buffered_bytes: u32) -> Budget {
+        let total = max_buffered_bytes.max(1);
+        Budget {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Wait until `bytes` plus the per-request charge are available. A
+    /// request larger than the whole budget is charged the whole budget:
+    /// it runs alone instead of waiting forever.
+    async fn charge(&self, bytes: u32) -> Option<OwnedSemaphorePermit> {
+        let charge = bytes.saturating_add(PER_REQUEST_CHARGE).min(self.total);
+        self.permits.clone().acquire_many_owned(charge).await.ok()
+    }
+}
+
+/// What reading the next request gave.
+enum Next {
+    /// Execute this request: its payload is read and its budget charged.
+    Run {
+        cookie: u64,
+        command: Command,
+        payload: Option<Bytes>,
+        budget: OwnedSemaphorePermit,
+    },
+    /// Send this reply at once (a rejected request).
+    Answer(Reply),
+    /// Stop reading: the session is over.
+    End(&'static str),
+}
+
+/// Read one whole request: its header, then (after charging the budget,
+/// before buffering anything) its payload. Not cancel-safe; it is only
+/// cancelled when the session ends anyway.
+async fn read_request<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limits: &Limits,
+    budget: &Budget,
+    peer: &str,
+) -> Next {
+    let mut raw = [0u8; REQUEST_HEADER_LEN];
+    if reader.read_exact(&mut raw).await.is_err() {
+        return Next::End("client closed the connection");
+    }
+    let header = match RequestHeader::decode(&raw) {
+        Ok(h) => h,
+        Err(e) => {
+            info!("NBD client {peer}: {e}; closing");
+            return Next::End("protocol violation");
+        }
+    };
+    let command = match validate(&header, limits) {
+        Decision::Execute(Command::Disconnect) => return Next::End("client sent NBD_CMD_DISC"),
+        Decision::Execute(c) => c,
+        Decision::Close(reason) => {
+            info!("NBD client {peer}: {reason}; closing");
+            return Next::End("protocol violation");
+        }
+        Decision::Reject { error, discard } => {
+            debug!("NBD client {peer}: rejecting {header:?} with {error}");
+            let skipped =
+                tokio::io::copy(&mut reader.take(discard.into()), &mut tokio::io::sink()).await;
+            if !matches!(skipped, Ok(n) if n == u64::from(discard)) {
+                return Next::End("client closed the connection");
+            }
+            // Error replies are charged too, so a client that sends bad
+            // requests without reading replies cannot queue unbounded
+            // replies.
+            let Some(permit) = budget.charge(0).await else {
+                return Next::End("budget closed");
+            };
+            return Next::Answer(Reply {
+                header: SimpleReply::err(header.cookie, error).encode(),
+                data: None,
+                budget: permit,
+            });
+        }
+    };
+    // Charge the budget before buffering the payload (or the read data).
+    let size = match command {
+        Command::Read { length, .. } | Command::Write { length, .. } => length,
+        _ => 0,
+    };
+    let Some(permit) = budget.charge(size).await else {
+        return Next::End("budget closed");
+    };
+    let payload = if let Command::Write { length, .. } = command {
+        let mut buf = AlignedBuf::zeroed(length as usize);
+        if reader.read_exact(buf.as_mut_slice()).await.is_err() {
+            return Next::End("client closed the connection mid-payload");
+        }
+        Some(buf.into_bytes())
+    } else {
+        None
+    };
+    Next::Run {
+        cookie: header.cookie,
+        command,
+        payload,
+        budget: permit,
+    }
 }
 
 async fn execute<E: Export>(

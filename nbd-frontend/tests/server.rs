@@ -741,6 +741,38 @@ async fn shutdown_answers_requests_in_flight_then_closes() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_half_sent_requests() {
+    let ts = TestServer::default().await;
+    let mut a = client(&ts.tcp).await;
+    let mut b = client(&ts.unix).await;
+    // A complete read, then a write whose payload never finishes.
+    let r = a.tx.read(0, 512).await;
+    let mut h = RequestHeader {
+        flags: 0,
+        command: CMD_WRITE,
+        cookie: 99,
+        offset: 0,
+        length: 65536,
+    }
+    .encode()
+    .to_vec();
+    h.extend_from_slice(&[1u8; 1000]);
+    a.tx.raw(&h).await;
+    assert_eq!(a.rx.reply().await.cookie, r);
+    // Half a header on the other.
+    b.tx.raw(&h[..10]).await;
+    within("shutdown", ts.server.shutdown()).await;
+    assert!(a.rx.read_to_close().await.is_empty());
+    assert!(b.rx.read_to_close().await.is_empty());
+    assert!(
+        !ts.export
+            .ops()
+            .iter()
+            .any(|op| matches!(op, Op::Write { .. }))
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Bad input. After each, fresh clients on both transports are served.
 // ---------------------------------------------------------------------------
