@@ -26,7 +26,8 @@ use tracing::{debug, info};
 use tandem_proto::AlignedBuf;
 use tandem_proto::nbd::consts::*;
 use tandem_proto::nbd::handshake::{
-    CloseReason, ExportCatalog, ExportDetails, Refusal, RefusalKind, ServerHandshake, Status,
+    BlockSizes, CloseReason, ExportCatalog, ExportDetails, Refusal, RefusalKind, ServerHandshake,
+    Status,
 };
 use tandem_proto::nbd::transmission::{
     Command, Decision, Limits, REQUEST_HEADER_LEN, RequestHeader, SimpleReply, validate,
@@ -66,7 +67,7 @@ pub(crate) async fn serve<R, W, E>(
         _ = cancel.cancelled() => return,
         r = tokio::time::timeout(
             limits.handshake_timeout,
-            negotiate(&mut reader, &mut writer, &mut input, &*export, &peer),
+            negotiate(&mut reader, &mut writer, &mut input, &*export, limits.max_payload, &peer),
         ) => match r {
             Ok(Some(n)) => n,
             Ok(None) => return,
@@ -344,6 +345,7 @@ async fn negotiate<R, W, E>(
     writer: &mut W,
     input: &mut BytesMut,
     export: &E,
+    max_payload: u32,
     peer: &str,
 ) -> Option<(ExportInfo, E::Attachment)>
 where
@@ -354,6 +356,7 @@ where
     let mut hs = ServerHandshake::new();
     let mut catalog = Catalog {
         export,
+        max_payload,
         selected: None,
     };
     let mut status = Status::NeedInput;
@@ -385,6 +388,8 @@ where
 
 struct Catalog<'a, E: Export> {
     export: &'a E,
+    /// `ServerLimits::max_payload`: the advertised maximum block size.
+    max_payload: u32,
     selected: Option<(ExportInfo, E::Attachment)>,
 }
 
@@ -409,8 +414,25 @@ impl<E: Export> Catalog<'_, E> {
             description: self.export.description(),
             size: info.size,
             flags: transmission_flags(info),
-            block_sizes: info.block_sizes,
+            block_sizes: advertised_block_sizes(info.block_sizes, self.max_payload),
         }
+    }
+}
+
+/// The export's block sizes, with the maximum lowered to what this server
+/// accepts: a client keeping to the advertised maximum must never send a
+/// write that closes the connection or a read that gets `EINVAL`. The
+/// maximum stays a multiple of the minimum, as the protocol requires.
+fn advertised_block_sizes(b: BlockSizes, max_payload: u32) -> BlockSizes {
+    if b.maximum <= max_payload {
+        return b;
+    }
+    let minimum = b.minimum.max(1);
+    let maximum = (max_payload / minimum * minimum).max(minimum);
+    BlockSizes {
+        minimum: b.minimum,
+        preferred: b.preferred.min(maximum),
+        maximum,
     }
 }
 
@@ -450,4 +472,24 @@ fn transmission_flags(info: &ExportInfo) -> u16 {
     );
     set(info.can_multi_conn, TFLAG_CAN_MULTI_CONN);
     flags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_maximum_never_exceeds_max_payload() {
+        let t = BlockSizes::TANDEM;
+        assert_eq!(advertised_block_sizes(t, 32 << 20), t);
+        assert_eq!(advertised_block_sizes(t, u32::MAX), t);
+        let b = advertised_block_sizes(t, 1_000_000);
+        assert_eq!((b.minimum, b.preferred, b.maximum), (512, 4096, 999_936));
+        let b = advertised_block_sizes(t, 2048);
+        assert_eq!((b.minimum, b.preferred, b.maximum), (512, 2048, 2048));
+        // A limit below the minimum block size cannot be honoured; the
+        // sizes stay consistent.
+        let b = advertised_block_sizes(t, 100);
+        assert_eq!((b.minimum, b.preferred, b.maximum), (512, 512, 512));
+    }
 }

@@ -327,6 +327,36 @@ async fn requests_sent_with_go_in_one_write_are_served() {
     ts.server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advertised_maximum_block_size_is_accepted() {
+    // A server configured with a smaller payload limit than the export's
+    // block sizes must not advertise more than it accepts.
+    let limits = ServerLimits {
+        max_payload: MIB as u32,
+        ..ServerLimits::default()
+    };
+    let ts = TestServer::start(MemExport::new(8 * MIB), limits).await;
+    let hs = Handshake::start(&ts.tcp).await;
+    let (mut c, infos) = hs.go(EXPORT_NAME, &[INFO_BLOCK_SIZE]).await.unwrap();
+    let b = infos
+        .iter()
+        .find_map(|i| match i {
+            Info::BlockSize(b) => Some(*b),
+            _ => None,
+        })
+        .unwrap();
+    assert!(b.maximum <= MIB as u32, "advertised {b:?}");
+    assert!(
+        b.minimum <= b.preferred && b.preferred <= b.maximum,
+        "{b:?}"
+    );
+    let d = data(6, b.maximum as usize);
+    c.write(0, &d).await;
+    assert_eq!(&c.read(0, b.maximum).await[..], &d[..]);
+    c.disconnect().await;
+    ts.server.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // Commands.
 // ---------------------------------------------------------------------------
