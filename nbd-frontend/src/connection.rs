@@ -21,9 +21,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 use tandem_proto::AlignedBuf;
+use tandem_proto::nbd::ErrorCode;
 use tandem_proto::nbd::consts::*;
 use tandem_proto::nbd::handshake::{
     BlockSizes, CloseReason, ExportCatalog, ExportDetails, Refusal, RefusalKind, ServerHandshake,
@@ -247,13 +248,21 @@ async fn execute<E: Export>(
 ) -> Reply {
     let result = match command {
         Command::Read { offset, length } => match export.read(offset, length).await {
-            Ok(data) => {
-                debug_assert_eq!(data.len(), length as usize);
+            Ok(data) if data.len() == length as usize => {
                 return Reply {
                     header: SimpleReply::ok(cookie).encode(),
                     data: Some(data),
                     budget,
                 };
+            }
+            Ok(data) => {
+                // Sending it would desynchronise the stream: the client
+                // reads exactly `length` bytes after the header.
+                error!(
+                    "export returned {} bytes for a {length}-byte read at {offset}; answering EIO",
+                    data.len()
+                );
+                Err(ErrorCode::Io)
             }
             Err(e) => Err(e),
         },

@@ -553,6 +553,25 @@ async fn read_only_and_limited_exports() {
     ts2.server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_data_of_the_wrong_length_is_eio_and_the_stream_stays_in_sync() {
+    let ts = TestServer::default().await;
+    let mut c = client(&ts.unix).await;
+    for m in [Misbehaviour::ShortReads, Misbehaviour::LongReads] {
+        ts.export.misbehave(m);
+        for length in [0, 1, 4096] {
+            let r = c.call(CMD_READ, 0, 8192, length).await;
+            assert_eq!(r.error, Some(ErrorCode::Io), "{m:?} {length}");
+        }
+        ts.export.misbehave(Misbehaviour::None);
+        let d = data(16, 4096);
+        c.write(8192, &d).await;
+        assert_eq!(&c.read(8192, 4096).await[..], &d[..]);
+    }
+    c.disconnect().await;
+    ts.server.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // Concurrency.
 // ---------------------------------------------------------------------------

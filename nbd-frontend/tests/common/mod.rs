@@ -80,6 +80,18 @@ pub enum Op {
 
 type Filter = Box<dyn Fn(&Op) -> bool + Send + Sync>;
 
+/// Ways the export can break its contract, to test the server's defences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehaviour {
+    None,
+    /// Reads return one byte less than asked (or one byte for length 0).
+    ShortReads,
+    /// Reads return one byte more than asked.
+    LongReads,
+    /// Every operation panics.
+    Panic,
+}
+
 /// Holds the export operations its filter matches until the test releases
 /// them. Operations that arrive are counted, so a test can wait for them.
 pub struct Gate {
@@ -138,6 +150,7 @@ pub struct MemExport {
     refusal: Mutex<Option<String>>,
     gates: Mutex<Vec<Arc<Gate>>>,
     fail: Mutex<Option<ErrorCode>>,
+    misbehaviour: Mutex<Misbehaviour>,
     ops: Mutex<Vec<Op>>,
     inflight_bytes: AtomicU64,
     max_inflight_bytes: AtomicU64,
@@ -175,6 +188,7 @@ impl MemExport {
             refusal: Mutex::new(None),
             gates: Mutex::new(Vec::new()),
             fail: Mutex::new(None),
+            misbehaviour: Mutex::new(Misbehaviour::None),
             ops: Mutex::new(Vec::new()),
             inflight_bytes: AtomicU64::new(0),
             max_inflight_bytes: AtomicU64::new(0),
@@ -212,6 +226,10 @@ impl MemExport {
     /// Make every I/O operation fail with `error` (or succeed with `None`).
     pub fn fail_with(&self, error: Option<ErrorCode>) {
         *self.fail.lock().unwrap() = error;
+    }
+
+    pub fn misbehave(&self, m: Misbehaviour) {
+        *self.misbehaviour.lock().unwrap() = m;
     }
 
     pub fn ops(&self) -> Vec<Op> {
@@ -307,6 +325,9 @@ impl MemExport {
     }
 
     fn check_fail(&self) -> Result<(), ErrorCode> {
+        if *self.misbehaviour.lock().unwrap() == Misbehaviour::Panic {
+            panic!("MemExport told to panic");
+        }
         match *self.fail.lock().unwrap() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -370,10 +391,20 @@ impl Export for MemExport {
         let _g = self.enter(op, length.into()).await;
         self.check_fail()?;
         assert!(offset + u64::from(length) <= self.info.size, "{op:?}");
-        let data = self.data.lock().unwrap();
-        let out = Bytes::copy_from_slice(&data[offset as usize..][..length as usize]);
+        let mut out = {
+            let data = self.data.lock().unwrap();
+            data[offset as usize..][..length as usize].to_vec()
+        };
+        match *self.misbehaviour.lock().unwrap() {
+            Misbehaviour::ShortReads if out.is_empty() => out.push(0),
+            Misbehaviour::ShortReads => {
+                out.pop();
+            }
+            Misbehaviour::LongReads => out.push(0xee),
+            _ => {}
+        }
         self.reads_done.fetch_add(1, Ordering::SeqCst);
-        Ok(out)
+        Ok(Bytes::from(out))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ErrorCode> {
