@@ -113,10 +113,15 @@ pub(crate) async fn serve<R, W, E>(
                 payload,
                 budget,
             } => {
-                let (export, tx) = (export.clone(), tx.clone());
+                let export = export.clone();
+                let answer = Answer {
+                    cookie,
+                    tx: tx.clone(),
+                    budget: Some(budget),
+                };
                 tokio::spawn(async move {
-                    let reply = execute(&*export, cookie, command, payload, budget).await;
-                    let _ = tx.send(reply);
+                    let (result, data) = execute(&*export, command, payload).await;
+                    answer.send(result, data);
                 });
             }
         }
@@ -239,22 +244,59 @@ async fn read_request<R: AsyncRead + Unpin>(
     }
 }
 
+/// The reply to a request being executed. It is sent exactly once: by
+/// [`Answer::send`], or, if the request's task ends without answering (the
+/// export's future panicked, or was dropped), as `EIO` when it is dropped.
+/// Either way the client is never left waiting for the cookie.
+struct Answer {
+    cookie: u64,
+    tx: mpsc::UnboundedSender<Reply>,
+    /// `None` once sent.
+    budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Answer {
+    fn send(mut self, result: Result<(), ErrorCode>, data: Option<Bytes>) {
+        self.reply(result, data);
+    }
+
+    fn reply(&mut self, result: Result<(), ErrorCode>, data: Option<Bytes>) {
+        let Some(budget) = self.budget.take() else {
+            return;
+        };
+        let header = match result {
+            Ok(()) => SimpleReply::ok(self.cookie),
+            Err(e) => SimpleReply::err(self.cookie, e),
+        };
+        let _ = self.tx.send(Reply {
+            header: header.encode(),
+            data,
+            budget,
+        });
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if self.budget.is_some() {
+            error!(
+                "NBD request {:#x} ended without an answer (the export's operation panicked?); answering EIO",
+                self.cookie
+            );
+            self.reply(Err(ErrorCode::Io), None);
+        }
+    }
+}
+
+/// Run one command against the export: the result, and a read's data.
 async fn execute<E: Export>(
     export: &E,
-    cookie: u64,
     command: Command,
     payload: Option<Bytes>,
-    budget: OwnedSemaphorePermit,
-) -> Reply {
+) -> (Result<(), ErrorCode>, Option<Bytes>) {
     let result = match command {
         Command::Read { offset, length } => match export.read(offset, length).await {
-            Ok(data) if data.len() == length as usize => {
-                return Reply {
-                    header: SimpleReply::ok(cookie).encode(),
-                    data: Some(data),
-                    budget,
-                };
-            }
+            Ok(data) if data.len() == length as usize => return (Ok(()), Some(data)),
             Ok(data) => {
                 // Sending it would desynchronise the stream: the client
                 // reads exactly `length` bytes after the header.
@@ -290,15 +332,7 @@ async fn execute<E: Export>(
         Command::Cache { .. } => Ok(()),
         Command::Disconnect => unreachable!("handled by the reader"),
     };
-    let header = match result {
-        Ok(()) => SimpleReply::ok(cookie),
-        Err(e) => SimpleReply::err(cookie, e),
-    };
-    Reply {
-        header: header.encode(),
-        data: None,
-        budget,
-    }
+    (result, None)
 }
 
 /// Write replies as they come, batching whatever is queued into one flush.

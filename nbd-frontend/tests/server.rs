@@ -572,6 +572,36 @@ async fn read_data_of_the_wrong_length_is_eio_and_the_stream_stays_in_sync() {
     ts.server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_export_operation_is_answered_with_eio() {
+    let ts = TestServer::default().await;
+    let mut c = client(&ts.tcp).await;
+    ts.export.misbehave(Misbehaviour::Panic);
+    let mut cookies = vec![
+        c.tx.read(0, 4096).await,
+        c.tx.write(0, &data(17, 4096), 0).await,
+        c.tx.command(CMD_FLUSH, 0, 0, 0).await,
+        c.tx.command(CMD_TRIM, 0, 0, 4096).await,
+        c.tx.command(CMD_WRITE_ZEROES, 0, 0, 4096).await,
+    ];
+    let mut got = Vec::new();
+    for _ in 0..cookies.len() {
+        let r = c.rx.reply().await;
+        assert_eq!(r.error, Some(ErrorCode::Io));
+        got.push(r.cookie);
+    }
+    got.sort();
+    cookies.sort();
+    assert_eq!(got, cookies);
+    ts.export.misbehave(Misbehaviour::None);
+    let d = data(18, 4096);
+    c.write(0, &d).await;
+    assert_eq!(&c.read(0, 4096).await[..], &d[..]);
+    c.disconnect().await;
+    still_serving(&ts, 100).await;
+    ts.server.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // Concurrency.
 // ---------------------------------------------------------------------------
