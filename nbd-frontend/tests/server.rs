@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tandem_nbd::{BlockSizes, BoundAddr, ErrorCode, ServerLimits, ZeroFlags};
+use tandem_nbd::{BlockSizes, BoundAddr, ErrorCode, Listen, NbdServer, ServerLimits, ZeroFlags};
 use tandem_proto::nbd::consts::*;
 use tandem_proto::nbd::handshake::client::{Info, encode_info_request, encode_option};
 use tandem_proto::nbd::transmission::RequestHeader;
@@ -355,6 +355,50 @@ async fn advertised_maximum_block_size_is_accepted() {
     assert_eq!(&c.read(0, b.maximum).await[..], &d[..]);
     c.disconnect().await;
     ts.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_files_on_start_and_failed_start() {
+    let dir = TempDir::new();
+    let sock = dir.path().join("r0.sock");
+    let export = MemExport::new(MIB);
+    let unix = |p: &std::path::Path| Listen::Unix(p.to_path_buf());
+
+    // A stale socket file from an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let server = NbdServer::start(export.clone(), &[unix(&sock)], ServerLimits::default())
+        .await
+        .expect("stale socket replaced");
+    check_serving(&BoundAddr::Unix(sock.clone()), 1).await;
+    server.shutdown().await;
+    assert!(!sock.exists());
+
+    // Any other file is refused and left alone.
+    let file = dir.path().join("data");
+    std::fs::write(&file, b"keep me").unwrap();
+    let err = NbdServer::start(export.clone(), &[unix(&file)], ServerLimits::default())
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+
+    // A failure on a later endpoint binds nothing: the unix socket bound
+    // before it is not left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let err = NbdServer::start(
+        export.clone(),
+        &[unix(&sock), Listen::Tcp(addr)],
+        ServerLimits::default(),
+    )
+    .await
+    .err()
+    .expect("address in use");
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    assert!(!sock.exists(), "socket file left by a failed start");
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
 }
 
 // ---------------------------------------------------------------------------
