@@ -10,10 +10,11 @@
 //! waiting for a slow client counts too.
 //!
 //! Ending a session (DISC, EOF, violation, server shutdown) stops the
-//! reader only. Shutdown also abandons a request the client has only half
-//! sent: it was never read, so it is never executed or answered. The writer ends when the last request task has sent its
+//! reader only. The writer ends when the last request task has sent its
 //! reply, then the write side is shut down and the export attachment is
 //! dropped: no request that was read goes unanswered while the socket lives.
+//! Shutdown also abandons a request the client has only half sent: it was
+//! never read, so it is never executed or answered.
 
 use std::sync::Arc;
 
