@@ -5,25 +5,31 @@
 //! buffering it, reads the payload into an aligned buffer, and spawns the
 //! request. Each request task sends its reply to the writer task, which
 //! batches replies into as few socket writes as possible. Replies go out in
-//! completion order; the cookie matches them to requests.
+//! completion order; the cookie matches them to requests. A request's
+//! budget is given back only when its reply has been written, so read data
+//! waiting for a slow client counts too.
 //!
 //! Ending a session (DISC, EOF, violation, server shutdown) stops the
 //! reader only. The writer ends when the last request task has sent its
 //! reply, then the write side is shut down and the export attachment is
 //! dropped: no request that was read goes unanswered while the socket lives.
+//! Shutdown also abandons a request the client has only half sent: it was
+//! never read, so it is never executed or answered.
 
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 use tandem_proto::AlignedBuf;
+use tandem_proto::nbd::ErrorCode;
 use tandem_proto::nbd::consts::*;
 use tandem_proto::nbd::handshake::{
-    CloseReason, ExportCatalog, ExportDetails, Refusal, RefusalKind, ServerHandshake, Status,
+    BlockSizes, CloseReason, ExportCatalog, ExportDetails, Refusal, RefusalKind, ServerHandshake,
+    Status,
 };
 use tandem_proto::nbd::transmission::{
     Command, Decision, Limits, REQUEST_HEADER_LEN, RequestHeader, SimpleReply, validate,
@@ -39,6 +45,9 @@ const PER_REQUEST_CHARGE: u32 = 4096;
 struct Reply {
     header: [u8; 16],
     data: Option<Bytes>,
+    /// The request's share of the byte budget, given back only once the
+    /// writer has written the reply: read data waiting to be sent counts.
+    budget: OwnedSemaphorePermit,
 }
 
 /// Serve one client until it leaves or the server shuts down.
@@ -60,7 +69,7 @@ pub(crate) async fn serve<R, W, E>(
         _ = cancel.cancelled() => return,
         r = tokio::time::timeout(
             limits.handshake_timeout,
-            negotiate(&mut reader, &mut writer, &mut input, &*export, &peer),
+            negotiate(&mut reader, &mut writer, &mut input, &*export, limits.max_payload, &peer),
         ) => match r {
             Ok(Some(n)) => n,
             Ok(None) => return,
@@ -84,74 +93,39 @@ pub(crate) async fn serve<R, W, E>(
     // Bytes the client sent after its last option belong to transmission.
     let chained = std::io::Cursor::new(input.freeze()).chain(reader);
     let mut reader = BufReader::with_capacity(256 * 1024, chained);
-    let budget = Arc::new(Semaphore::new(limits.max_buffered_bytes as usize));
+    let budget = Budget::new(limits.max_buffered_bytes);
 
+    // The whole request (header, budget, payload) is read under the
+    // cancellation: a client that stops mid-request cannot hold up shutdown.
     let end = loop {
-        let mut raw = [0u8; REQUEST_HEADER_LEN];
-        tokio::select! {
+        let next = tokio::select! {
             biased;
             _ = cancel.cancelled() => break "server shutting down",
-            r = reader.read_exact(&mut raw) => if r.is_err() { break "client closed the connection" },
-        }
-        let header = match RequestHeader::decode(&raw) {
-            Ok(h) => h,
-            Err(e) => {
-                info!("NBD client {peer}: {e}; closing");
-                break "protocol violation";
-            }
+            next = read_request(&mut reader, &proto_limits, &budget, &peer) => next,
         };
-        let decision = validate(&header, &proto_limits);
-        let command = match decision {
-            Decision::Execute(Command::Disconnect) => break "client sent NBD_CMD_DISC",
-            Decision::Execute(c) => c,
-            Decision::Close(reason) => {
-                info!("NBD client {peer}: {reason}; closing");
-                break "protocol violation";
+        match next {
+            Next::End(why) => break why,
+            Next::Answer(reply) => {
+                let _ = tx.send(reply);
             }
-            Decision::Reject { error, discard } => {
-                debug!("NBD client {peer}: rejecting {header:?} with {error}");
-                let skipped = tokio::io::copy(
-                    &mut (&mut reader).take(discard.into()),
-                    &mut tokio::io::sink(),
-                )
-                .await;
-                if !matches!(skipped, Ok(n) if n == u64::from(discard)) {
-                    break "client closed the connection";
-                }
-                let _ = tx.send(Reply {
-                    header: SimpleReply::err(header.cookie, error).encode(),
-                    data: None,
+            Next::Run {
+                cookie,
+                command,
+                payload,
+                budget,
+            } => {
+                let export = export.clone();
+                let answer = Answer {
+                    cookie,
+                    tx: tx.clone(),
+                    budget: Some(budget),
+                };
+                tokio::spawn(async move {
+                    let (result, data) = execute(&*export, command, payload).await;
+                    answer.send(result, data);
                 });
-                continue;
             }
-        };
-        // Charge the budget before buffering the payload (or the read data).
-        let size = match command {
-            Command::Read { length, .. } | Command::Write { length, .. } => length,
-            _ => 0,
-        };
-        let Ok(permit) = budget
-            .clone()
-            .acquire_many_owned(size.saturating_add(PER_REQUEST_CHARGE))
-            .await
-        else {
-            break "budget closed";
-        };
-        let payload = if let Command::Write { length, .. } = command {
-            let mut buf = AlignedBuf::zeroed(length as usize);
-            if reader.read_exact(buf.as_mut_slice()).await.is_err() {
-                break "client closed the connection mid-payload";
-            }
-            Some(buf.into_bytes())
-        } else {
-            None
-        };
-        let (export, tx) = (export.clone(), tx.clone());
-        tokio::spawn(async move {
-            let reply = execute(&*export, header.cookie, command, payload).await;
-            let _ = tx.send(reply);
-            drop(permit);
-        });
+        }
     };
     debug!("NBD client {peer}: {end}; finishing requests in flight");
     drop(tx);
@@ -160,20 +134,178 @@ pub(crate) async fn serve<R, W, E>(
     debug!("NBD client {peer}: closed");
 }
 
+/// A connection's byte budget.
+struct Budget {
+    permits: Arc<Semaphore>,
+    total: u32,
+}
+
+impl Budget {
+    fn new(max_buffered_bytes: u32) -> Budget {
+        let total = max_buffered_bytes.max(1);
+        Budget {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Wait until `bytes` plus the per-request charge are available. A
+    /// request larger than the whole budget is charged the whole budget:
+    /// it runs alone instead of waiting forever.
+    async fn charge(&self, bytes: u32) -> Option<OwnedSemaphorePermit> {
+        let charge = bytes.saturating_add(PER_REQUEST_CHARGE).min(self.total);
+        self.permits.clone().acquire_many_owned(charge).await.ok()
+    }
+}
+
+/// What reading the next request gave.
+enum Next {
+    /// Execute this request: its payload is read and its budget charged.
+    Run {
+        cookie: u64,
+        command: Command,
+        payload: Option<Bytes>,
+        budget: OwnedSemaphorePermit,
+    },
+    /// Send this reply at once (a rejected request).
+    Answer(Reply),
+    /// Stop reading: the session is over.
+    End(&'static str),
+}
+
+/// Read one whole request: its header, then (after charging the budget,
+/// before buffering anything) its payload. Not cancel-safe; it is only
+/// cancelled when the session ends anyway.
+async fn read_request<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limits: &Limits,
+    budget: &Budget,
+    peer: &str,
+) -> Next {
+    let mut raw = [0u8; REQUEST_HEADER_LEN];
+    if reader.read_exact(&mut raw).await.is_err() {
+        return Next::End("client closed the connection");
+    }
+    let header = match RequestHeader::decode(&raw) {
+        Ok(h) => h,
+        Err(e) => {
+            info!("NBD client {peer}: {e}; closing");
+            return Next::End("protocol violation");
+        }
+    };
+    let command = match validate(&header, limits) {
+        Decision::Execute(Command::Disconnect) => return Next::End("client sent NBD_CMD_DISC"),
+        Decision::Execute(c) => c,
+        Decision::Close(reason) => {
+            info!("NBD client {peer}: {reason}; closing");
+            return Next::End("protocol violation");
+        }
+        Decision::Reject { error, discard } => {
+            debug!("NBD client {peer}: rejecting {header:?} with {error}");
+            let skipped =
+                tokio::io::copy(&mut reader.take(discard.into()), &mut tokio::io::sink()).await;
+            if !matches!(skipped, Ok(n) if n == u64::from(discard)) {
+                return Next::End("client closed the connection");
+            }
+            // Error replies are charged too, so a client that sends bad
+            // requests without reading replies cannot queue unbounded
+            // replies.
+            let Some(permit) = budget.charge(0).await else {
+                return Next::End("budget closed");
+            };
+            return Next::Answer(Reply {
+                header: SimpleReply::err(header.cookie, error).encode(),
+                data: None,
+                budget: permit,
+            });
+        }
+    };
+    // Charge the budget before buffering the payload (or the read data).
+    let size = match command {
+        Command::Read { length, .. } | Command::Write { length, .. } => length,
+        _ => 0,
+    };
+    let Some(permit) = budget.charge(size).await else {
+        return Next::End("budget closed");
+    };
+    let payload = if let Command::Write { length, .. } = command {
+        let mut buf = AlignedBuf::zeroed(length as usize);
+        if reader.read_exact(buf.as_mut_slice()).await.is_err() {
+            return Next::End("client closed the connection mid-payload");
+        }
+        Some(buf.into_bytes())
+    } else {
+        None
+    };
+    Next::Run {
+        cookie: header.cookie,
+        command,
+        payload,
+        budget: permit,
+    }
+}
+
+/// The reply to a request being executed. It is sent exactly once: by
+/// [`Answer::send`], or, if the request's task ends without answering (the
+/// export's future panicked, or was dropped), as `EIO` when it is dropped.
+/// Either way the client is never left waiting for the cookie.
+struct Answer {
+    cookie: u64,
+    tx: mpsc::UnboundedSender<Reply>,
+    /// `None` once sent.
+    budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Answer {
+    fn send(mut self, result: Result<(), ErrorCode>, data: Option<Bytes>) {
+        self.reply(result, data);
+    }
+
+    fn reply(&mut self, result: Result<(), ErrorCode>, data: Option<Bytes>) {
+        let Some(budget) = self.budget.take() else {
+            return;
+        };
+        let header = match result {
+            Ok(()) => SimpleReply::ok(self.cookie),
+            Err(e) => SimpleReply::err(self.cookie, e),
+        };
+        let _ = self.tx.send(Reply {
+            header: header.encode(),
+            data,
+            budget,
+        });
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if self.budget.is_some() {
+            error!(
+                "NBD request {:#x} ended without an answer (the export's operation panicked?); answering EIO",
+                self.cookie
+            );
+            self.reply(Err(ErrorCode::Io), None);
+        }
+    }
+}
+
+/// Run one command against the export: the result, and a read's data.
 async fn execute<E: Export>(
     export: &E,
-    cookie: u64,
     command: Command,
     payload: Option<Bytes>,
-) -> Reply {
+) -> (Result<(), ErrorCode>, Option<Bytes>) {
     let result = match command {
         Command::Read { offset, length } => match export.read(offset, length).await {
+            Ok(data) if data.len() == length as usize => return (Ok(()), Some(data)),
             Ok(data) => {
-                debug_assert_eq!(data.len(), length as usize);
-                return Reply {
-                    header: SimpleReply::ok(cookie).encode(),
-                    data: Some(data),
-                };
+                // Sending it would desynchronise the stream: the client
+                // reads exactly `length` bytes after the header.
+                error!(
+                    "export returned {} bytes for a {length}-byte read at {offset}; answering EIO",
+                    data.len()
+                );
+                Err(ErrorCode::Io)
             }
             Err(e) => Err(e),
         },
@@ -201,17 +333,12 @@ async fn execute<E: Export>(
         Command::Cache { .. } => Ok(()),
         Command::Disconnect => unreachable!("handled by the reader"),
     };
-    let header = match result {
-        Ok(()) => SimpleReply::ok(cookie),
-        Err(e) => SimpleReply::err(cookie, e),
-    };
-    Reply {
-        header: header.encode(),
-        data: None,
-    }
+    (result, None)
 }
 
 /// Write replies as they come, batching whatever is queued into one flush.
+/// Each reply's budget permit is released once it is written (or dropped
+/// because the connection broke).
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
@@ -225,7 +352,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         }
         let mut next = Some(first);
         while let Some(reply) = next {
-            if let Err(e) = write_reply(&mut w, &reply).await {
+            let written = write_reply(&mut w, &reply).await;
+            // The reply has left the queue (for the socket or the bounded
+            // write buffer): give its share of the budget back.
+            drop(reply.budget);
+            if let Err(e) = written {
                 debug!("NBD client {peer}: cannot send reply: {e}");
                 broken = true;
                 break;
@@ -258,6 +389,7 @@ async fn negotiate<R, W, E>(
     writer: &mut W,
     input: &mut BytesMut,
     export: &E,
+    max_payload: u32,
     peer: &str,
 ) -> Option<(ExportInfo, E::Attachment)>
 where
@@ -268,6 +400,7 @@ where
     let mut hs = ServerHandshake::new();
     let mut catalog = Catalog {
         export,
+        max_payload,
         selected: None,
     };
     let mut status = Status::NeedInput;
@@ -299,6 +432,8 @@ where
 
 struct Catalog<'a, E: Export> {
     export: &'a E,
+    /// `ServerLimits::max_payload`: the advertised maximum block size.
+    max_payload: u32,
     selected: Option<(ExportInfo, E::Attachment)>,
 }
 
@@ -323,8 +458,25 @@ impl<E: Export> Catalog<'_, E> {
             description: self.export.description(),
             size: info.size,
             flags: transmission_flags(info),
-            block_sizes: info.block_sizes,
+            block_sizes: advertised_block_sizes(info.block_sizes, self.max_payload),
         }
+    }
+}
+
+/// The export's block sizes, with the maximum lowered to what this server
+/// accepts: a client keeping to the advertised maximum must never send a
+/// write that closes the connection or a read that gets `EINVAL`. The
+/// maximum stays a multiple of the minimum, as the protocol requires.
+fn advertised_block_sizes(b: BlockSizes, max_payload: u32) -> BlockSizes {
+    if b.maximum <= max_payload {
+        return b;
+    }
+    let minimum = b.minimum.max(1);
+    let maximum = (max_payload / minimum * minimum).max(minimum);
+    BlockSizes {
+        minimum: b.minimum,
+        preferred: b.preferred.min(maximum),
+        maximum,
     }
 }
 
@@ -364,4 +516,24 @@ fn transmission_flags(info: &ExportInfo) -> u16 {
     );
     set(info.can_multi_conn, TFLAG_CAN_MULTI_CONN);
     flags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_maximum_never_exceeds_max_payload() {
+        let t = BlockSizes::TANDEM;
+        assert_eq!(advertised_block_sizes(t, 32 << 20), t);
+        assert_eq!(advertised_block_sizes(t, u32::MAX), t);
+        let b = advertised_block_sizes(t, 1_000_000);
+        assert_eq!((b.minimum, b.preferred, b.maximum), (512, 4096, 999_936));
+        let b = advertised_block_sizes(t, 2048);
+        assert_eq!((b.minimum, b.preferred, b.maximum), (512, 2048, 2048));
+        // A limit below the minimum block size cannot be honoured; the
+        // sizes stay consistent.
+        let b = advertised_block_sizes(t, 100);
+        assert_eq!((b.minimum, b.preferred, b.maximum), (512, 512, 512));
+    }
 }

@@ -10,7 +10,9 @@
 //!
 //! Invariants:
 //! - a request is answered only after the export's future for it resolved,
-//!   so the export alone decides when a write is durable/replicated;
+//!   so the export alone decides when a write is durable/replicated; every
+//!   request read is answered exactly once (`EIO` if the export's future
+//!   panics or returns read data of the wrong length);
 //! - `NBD_CMD_DISC`, end of input, a protocol violation and server shutdown
 //!   all stop reading new requests but let every request already read run to
 //!   completion and send its reply before the connection closes;

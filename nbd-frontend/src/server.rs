@@ -42,6 +42,7 @@ pub struct ServerLimits {
     pub max_payload: u32,
     /// Payload bytes one connection may have buffered in flight (plus a
     /// small per-request charge, so the number of requests is bounded too).
+    /// A single request larger than this is let through on its own.
     pub max_buffered_bytes: u32,
     /// A client that has not finished negotiating after this is dropped.
     pub handshake_timeout: Duration,
@@ -75,27 +76,39 @@ impl NbdServer {
         let mut tcp = Vec::new();
         let mut unix = Vec::new();
         let mut bound = Vec::new();
-        for listen in listens {
-            match listen {
-                Listen::Tcp(addr) => {
-                    let l = TcpListener::bind(addr).await.map_err(|e| {
-                        io::Error::new(e.kind(), format!("cannot listen for NBD on {addr}: {e}"))
-                    })?;
-                    bound.push(BoundAddr::Tcp(l.local_addr()?));
-                    tcp.push(l);
-                }
-                Listen::Unix(path) => {
-                    remove_stale_socket(path)?;
-                    let l = UnixListener::bind(path).map_err(|e| {
-                        io::Error::new(
-                            e.kind(),
-                            format!("cannot listen for NBD on unix:{}: {e}", path.display()),
-                        )
-                    })?;
-                    bound.push(BoundAddr::Unix(path.clone()));
-                    unix.push(l);
+        let binding = async {
+            for listen in listens {
+                match listen {
+                    Listen::Tcp(addr) => {
+                        let l = TcpListener::bind(addr).await.map_err(|e| {
+                            io::Error::new(
+                                e.kind(),
+                                format!("cannot listen for NBD on {addr}: {e}"),
+                            )
+                        })?;
+                        bound.push(BoundAddr::Tcp(l.local_addr()?));
+                        tcp.push(l);
+                    }
+                    Listen::Unix(path) => {
+                        remove_stale_socket(path)?;
+                        let l = UnixListener::bind(path).map_err(|e| {
+                            io::Error::new(
+                                e.kind(),
+                                format!("cannot listen for NBD on unix:{}: {e}", path.display()),
+                            )
+                        })?;
+                        bound.push(BoundAddr::Unix(path.clone()));
+                        unix.push(l);
+                    }
                 }
             }
+            io::Result::Ok(())
+        };
+        if let Err(e) = binding.await {
+            // Bind nothing: the listeners close when dropped, and the socket
+            // files of unix endpoints bound so far go too.
+            remove_socket_files(&bound);
+            return Err(e);
         }
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -167,12 +180,16 @@ impl NbdServer {
         self.cancel.cancel();
         self.tracker.close();
         self.tracker.wait().await;
-        for b in &self.bound {
-            if let BoundAddr::Unix(path) = b {
-                let _ = std::fs::remove_file(path);
-            }
-        }
+        remove_socket_files(&self.bound);
         debug!("NBD server stopped");
+    }
+}
+
+fn remove_socket_files(bound: &[BoundAddr]) {
+    for b in bound {
+        if let BoundAddr::Unix(path) = b {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
