@@ -50,13 +50,22 @@ struct Reply {
     budget: OwnedSemaphorePermit,
 }
 
+/// How the server tells connections to stop.
+#[derive(Clone, Default)]
+pub(crate) struct Stop {
+    /// Stop reading requests; answer those already read.
+    pub drain: CancellationToken,
+    /// Give up on replies a client is not reading (after the grace period).
+    pub abandon: CancellationToken,
+}
+
 /// Serve one client until it leaves or the server shuts down.
 pub(crate) async fn serve<R, W, E>(
     reader: R,
     mut writer: W,
     export: Arc<E>,
     limits: ServerLimits,
-    cancel: CancellationToken,
+    stop: Stop,
     peer: String,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -66,7 +75,7 @@ pub(crate) async fn serve<R, W, E>(
     let mut reader = reader;
     let mut input = BytesMut::with_capacity(4096);
     let negotiated = tokio::select! {
-        _ = cancel.cancelled() => return,
+        _ = stop.drain.cancelled() => return,
         r = tokio::time::timeout(
             limits.handshake_timeout,
             negotiate(&mut reader, &mut writer, &mut input, &*export, limits.max_payload, &peer),
@@ -89,7 +98,12 @@ pub(crate) async fn serve<R, W, E>(
     };
 
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer_task = tokio::spawn(write_replies(writer, rx, peer.clone()));
+    let writer_task = tokio::spawn(write_replies(
+        writer,
+        rx,
+        stop.abandon.clone(),
+        peer.clone(),
+    ));
     // Bytes the client sent after its last option belong to transmission.
     let chained = std::io::Cursor::new(input.freeze()).chain(reader);
     let mut reader = BufReader::with_capacity(256 * 1024, chained);
@@ -100,7 +114,7 @@ pub(crate) async fn serve<R, W, E>(
     let end = loop {
         let next = tokio::select! {
             biased;
-            _ = cancel.cancelled() => break "server shutting down",
+            _ = stop.drain.cancelled() => break "server shutting down",
             next = read_request(&mut reader, &proto_limits, &budget, &peer) => next,
         };
         match next {
@@ -342,6 +356,7 @@ async fn execute<E: Export>(
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    abandon: CancellationToken,
     peer: String,
 ) {
     let mut w = BufWriter::with_capacity(64 * 1024, writer);
@@ -352,7 +367,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         }
         let mut next = Some(first);
         while let Some(reply) = next {
-            let written = write_reply(&mut w, &reply).await;
+            // A client that stopped reading cannot hold up shutdown beyond
+            // the grace period: its remaining replies are dropped.
+            let written = tokio::select! {
+                r = write_reply(&mut w, &reply) => r,
+                _ = abandon.cancelled() => Err(std::io::Error::other("server stopped waiting for the client to read")),
+            };
             // The reply has left the queue (for the socket or the bounded
             // write buffer): give its share of the budget back.
             drop(reply.budget);
@@ -363,8 +383,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             }
             next = rx.try_recv().ok();
         }
-        if !broken && w.flush().await.is_err() {
-            broken = true;
+        if !broken {
+            let flushed = tokio::select! {
+                r = w.flush() => r.is_ok(),
+                _ = abandon.cancelled() => false,
+            };
+            broken = !flushed;
         }
     }
     if !broken {

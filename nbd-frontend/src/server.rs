@@ -14,11 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::connection;
+use crate::connection::{self, Stop};
 use crate::export::Export;
 
 /// An endpoint to listen on.
@@ -46,6 +45,9 @@ pub struct ServerLimits {
     pub max_buffered_bytes: u32,
     /// A client that has not finished negotiating after this is dropped.
     pub handshake_timeout: Duration,
+    /// On shutdown, how long to wait for clients to read the replies to
+    /// the requests already executed before dropping them.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerLimits {
@@ -54,13 +56,15 @@ impl Default for ServerLimits {
             max_payload: 32 * 1024 * 1024,
             max_buffered_bytes: 256 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
 
 /// A running NBD server.
 pub struct NbdServer {
-    cancel: CancellationToken,
+    stop: Stop,
+    shutdown_grace: Duration,
     tracker: TaskTracker,
     bound: Vec<BoundAddr>,
 }
@@ -110,14 +114,14 @@ impl NbdServer {
             remove_socket_files(&bound);
             return Err(e);
         }
-        let cancel = CancellationToken::new();
+        let stop = Stop::default();
         let tracker = TaskTracker::new();
         for l in tcp {
-            let (export, cancel, conns) = (export.clone(), cancel.clone(), tracker.clone());
+            let (export, stop, conns) = (export.clone(), stop.clone(), tracker.clone());
             tracker.spawn(async move {
                 loop {
                     let accepted = tokio::select! {
-                        _ = cancel.cancelled() => break,
+                        _ = stop.drain.cancelled() => break,
                         a = l.accept() => a,
                     };
                     match accepted {
@@ -126,9 +130,9 @@ impl NbdServer {
                                 warn!("NBD client {peer}: cannot set TCP_NODELAY: {e}");
                             }
                             let (r, w) = stream.into_split();
-                            let (export, cancel) = (export.clone(), cancel.clone());
+                            let (export, stop) = (export.clone(), stop.clone());
                             let peer = peer.to_string();
-                            conns.spawn(connection::serve(r, w, export, limits, cancel, peer));
+                            conns.spawn(connection::serve(r, w, export, limits, stop, peer));
                         }
                         Err(e) => accept_error(&e).await,
                     }
@@ -136,25 +140,25 @@ impl NbdServer {
             });
         }
         for l in unix {
-            let (export, cancel, conns) = (export.clone(), cancel.clone(), tracker.clone());
+            let (export, stop, conns) = (export.clone(), stop.clone(), tracker.clone());
             tracker.spawn(async move {
                 let mut n = 0u64;
                 loop {
                     let accepted = tokio::select! {
-                        _ = cancel.cancelled() => break,
+                        _ = stop.drain.cancelled() => break,
                         a = l.accept() => a,
                     };
                     match accepted {
                         Ok((stream, _)) => {
                             n += 1;
                             let (r, w) = stream.into_split();
-                            let (export, cancel) = (export.clone(), cancel.clone());
+                            let (export, stop) = (export.clone(), stop.clone());
                             conns.spawn(connection::serve(
                                 r,
                                 w,
                                 export,
                                 limits,
-                                cancel,
+                                stop,
                                 format!("unix#{n}"),
                             ));
                         }
@@ -164,7 +168,8 @@ impl NbdServer {
             });
         }
         Ok(NbdServer {
-            cancel,
+            stop,
+            shutdown_grace: limits.shutdown_grace,
             tracker,
             bound,
         })
@@ -177,11 +182,29 @@ impl NbdServer {
     /// Stop accepting, let every connection answer what it has read, close
     /// them, and remove unix socket files.
     pub async fn shutdown(self) {
-        self.cancel.cancel();
+        self.stop.drain.cancel();
         self.tracker.close();
-        self.tracker.wait().await;
+        if tokio::time::timeout(self.shutdown_grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "NBD clients did not read their replies within {:?}; closing their connections",
+                self.shutdown_grace
+            );
+            self.stop.abandon.cancel();
+            self.tracker.wait().await;
+        }
         remove_socket_files(&self.bound);
         debug!("NBD server stopped");
+    }
+}
+
+impl Drop for NbdServer {
+    /// Dropped without `shutdown()`: stop every task at once.
+    fn drop(&mut self) {
+        self.stop.drain.cancel();
+        self.stop.abandon.cancel();
     }
 }
 

@@ -897,6 +897,30 @@ async fn shutdown_does_not_wait_for_half_sent_requests() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_up_on_a_client_that_never_reads_its_replies() {
+    let limits = ServerLimits {
+        shutdown_grace: Duration::from_millis(200),
+        ..ServerLimits::default()
+    };
+    let ts = TestServer::start(MemExport::new(4 << 20), limits).await;
+    let mut stuck = client(&ts.tcp).await;
+    // 64 MiB of read replies: far more than the socket buffers hold.
+    for i in 0..64u64 {
+        stuck.tx.read((i % 4) * MIB, MIB as u32).await;
+    }
+    ts.export.wait_completed(64).await;
+    // Without the grace period this would wait for the client forever.
+    within("shutdown", ts.server.shutdown()).await;
+    assert_eq!(ts.export.attached(), 0);
+    // The connection is closed and the replies it never read are gone.
+    let got = stuck.rx.read_to_close().await;
+    assert!(
+        got.len() < 64 * (MIB as usize + 16),
+        "every reply was delivered?"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Bad input. After each, fresh clients on both transports are served.
 // ---------------------------------------------------------------------------
