@@ -193,13 +193,8 @@ pub fn event_line(event: &str, status: &Status) -> String {
     let mut value = serde_json::to_value(status).expect("status serialises");
     if let Some(obj) = value.as_object_mut() {
         obj.insert("event".into(), event.into());
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        obj.insert(
-            "timestamp".into(),
-            format!("{}.{:03}", now.as_secs(), now.subsec_millis()).into(),
-        );
+        let timestamp = crate::status::rfc3339_utc(std::time::SystemTime::now());
+        obj.insert("timestamp".into(), timestamp.into());
     }
     value.to_string()
 }
