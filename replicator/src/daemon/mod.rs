@@ -1,9 +1,11 @@
 //! `repd`: one resource on one node.
 //!
-//! Start-up order: configuration, memory protections, backing store (locked
-//! exclusively), metadata (must exist and belong to this resource and node),
-//! storage engine, core, control socket, NBD server. A failure at any step
-//! is one line on stderr and a non-zero exit.
+//! Start-up order: configuration, backing store (locked exclusively),
+//! metadata (must exist and belong to this resource and node), memory
+//! protections, storage engine, core, control socket, NBD server. A failure
+//! at any step is one line on stderr (a JSON object with `--log-format
+//! json`) and a non-zero exit; a bad config, disk or metadata prints nothing
+//! else.
 //!
 //! Stop order (SIGTERM, SIGINT or `repctl down`): the NBD server stops
 //! accepting and every connection finishes the requests it has read; then
@@ -83,12 +85,17 @@ pub enum IoArg {
 /// Entry point of the `repd` binary.
 pub fn main() -> ExitCode {
     let args = RepdArgs::parse();
-    logging::init(args.log_format);
+    let format = args.log_format;
+    logging::init(format);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
-            eprintln!("repd: {e:#}");
+            // One line, in the format the logs are in: a person reads
+            // `repd: …`, a machine reading JSON logs gets a JSON object.
+            match format {
+                LogFormat::Human => eprintln!("repd: {e:#}"),
+                LogFormat::Json => error!("{e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -113,7 +120,6 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let node = config.node(args.node.as_deref())?.clone();
     let peer = config.peer_of(&node.name).map(|p| p.name.clone());
-    memory::protect(!args.no_mlock);
 
     let mode = match args.io {
         IoArg::Direct => IoMode::Direct,
@@ -154,6 +160,10 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
             args.config.display()
         );
     }
+
+    // Only now that the disk and its metadata are known good: a start that
+    // fails on them prints its one error line and nothing else.
+    memory::protect(!args.no_mlock);
 
     let choice = match args.engine {
         EngineArg::Auto => EngineChoice::Auto,
