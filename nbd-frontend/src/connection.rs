@@ -11,6 +11,12 @@
 //! reader only. The writer ends when the last request task has sent its
 //! reply, then the write side is shut down and the export attachment is
 //! dropped: no request that was read goes unanswered while the socket lives.
+//!
+//! Server shutdown must not wait on a client: the reader stops at once,
+//! whatever it was waiting for (a header, the rest of a payload, budget);
+//! the writer gives the client [`ServerLimits::shutdown_grace`] to take its
+//! answers, then drops them. Either way the writer waits for every request
+//! task to finish, so the export is idle when the connection ends.
 
 use std::sync::Arc;
 
@@ -80,7 +86,13 @@ pub(crate) async fn serve<R, W, E>(
     };
 
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer_task = tokio::spawn(write_replies(writer, rx, peer.clone()));
+    let writer_task = tokio::spawn(write_replies(
+        writer,
+        rx,
+        peer.clone(),
+        cancel.clone(),
+        limits.shutdown_grace,
+    ));
     // Bytes the client sent after its last option belong to transmission.
     let chained = std::io::Cursor::new(input.freeze()).chain(reader);
     let mut reader = BufReader::with_capacity(256 * 1024, chained);
@@ -110,11 +122,13 @@ pub(crate) async fn serve<R, W, E>(
             }
             Decision::Reject { error, discard } => {
                 debug!("NBD client {peer}: rejecting {header:?} with {error}");
-                let skipped = tokio::io::copy(
-                    &mut (&mut reader).take(discard.into()),
-                    &mut tokio::io::sink(),
-                )
-                .await;
+                let mut skip = (&mut reader).take(discard.into());
+                let mut sink = tokio::io::sink();
+                let skipped = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break "server shutting down",
+                    r = tokio::io::copy(&mut skip, &mut sink) => r,
+                };
                 if !matches!(skipped, Ok(n) if n == u64::from(discard)) {
                     break "client closed the connection";
                 }
@@ -130,17 +144,24 @@ pub(crate) async fn serve<R, W, E>(
             Command::Read { length, .. } | Command::Write { length, .. } => length,
             _ => 0,
         };
-        let Ok(permit) = budget
-            .clone()
-            .acquire_many_owned(size.saturating_add(PER_REQUEST_CHARGE))
-            .await
-        else {
-            break "budget closed";
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break "server shutting down",
+            p = budget
+                .clone()
+                .acquire_many_owned(size.saturating_add(PER_REQUEST_CHARGE)) => match p {
+                Ok(p) => p,
+                Err(_) => break "budget closed",
+            },
         };
         let payload = if let Command::Write { length, .. } = command {
             let mut buf = AlignedBuf::zeroed(length as usize);
-            if reader.read_exact(buf.as_mut_slice()).await.is_err() {
-                break "client closed the connection mid-payload";
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break "server shutting down mid-payload",
+                r = reader.read_exact(buf.as_mut_slice()) => if r.is_err() {
+                    break "client closed the connection mid-payload";
+                },
             }
             Some(buf.into_bytes())
         } else {
@@ -212,33 +233,55 @@ async fn execute<E: Export>(
 }
 
 /// Write replies as they come, batching whatever is queued into one flush.
+/// Ends when every request task has sent its reply. Once the server shuts
+/// down, a client that has not taken its replies within `grace` loses them.
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     peer: String,
+    cancel: CancellationToken,
+    grace: std::time::Duration,
 ) {
     let mut w = BufWriter::with_capacity(64 * 1024, writer);
     let mut broken = false;
+    let give_up = async {
+        cancel.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::pin!(give_up);
     while let Some(first) = rx.recv().await {
         if broken {
             continue; // keep draining so request tasks never block
         }
-        let mut next = Some(first);
-        while let Some(reply) = next {
-            if let Err(e) = write_reply(&mut w, &reply).await {
-                debug!("NBD client {peer}: cannot send reply: {e}");
-                broken = true;
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        if !broken && w.flush().await.is_err() {
+        let sent = tokio::select! {
+            r = write_batch(&mut w, first, &mut rx) => r,
+            () = &mut give_up => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client did not take its replies within {grace:?} of the shutdown"),
+            )),
+        };
+        if let Err(e) = sent {
+            info!("NBD client {peer}: cannot send replies: {e}; dropping them");
             broken = true;
         }
     }
     if !broken {
         let _ = w.shutdown().await;
     }
+}
+
+/// Write `first` and whatever else is queued, then flush.
+async fn write_batch<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    first: Reply,
+    rx: &mut mpsc::UnboundedReceiver<Reply>,
+) -> std::io::Result<()> {
+    let mut next = Some(first);
+    while let Some(reply) = next {
+        write_reply(w, &reply).await?;
+        next = rx.try_recv().ok();
+    }
+    w.flush().await
 }
 
 async fn write_reply<W: AsyncWrite + Unpin>(

@@ -45,6 +45,10 @@ pub struct ServerLimits {
     pub max_buffered_bytes: u32,
     /// A client that has not finished negotiating after this is dropped.
     pub handshake_timeout: Duration,
+    /// On shutdown, how long a client may take to read the answers to the
+    /// requests it had sent; after that its connection is dropped (the
+    /// requests still run to completion, only their answers are lost).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerLimits {
@@ -53,6 +57,7 @@ impl Default for ServerLimits {
             max_payload: 32 * 1024 * 1024,
             max_buffered_bytes: 256 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -162,7 +167,10 @@ impl NbdServer {
     }
 
     /// Stop accepting, let every connection answer what it has read, close
-    /// them, and remove unix socket files.
+    /// them, and remove unix socket files. A connection stops reading at
+    /// once, even mid-request (a request not fully read was never in
+    /// flight); a client that does not take its answers within
+    /// [`ServerLimits::shutdown_grace`] is disconnected without them.
     pub async fn shutdown(self) {
         self.cancel.cancel();
         self.tracker.close();
