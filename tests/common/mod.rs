@@ -536,4 +536,10 @@ impl Rng {
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
         (0..len).map(|_| self.next() as u8).collect()
     }
+
+    /// Between 0 and `max - 1` random bytes.
+    pub fn bytes_below(&mut self, max: u64) -> Vec<u8> {
+        let len = self.below(max) as usize;
+        self.bytes(len)
+    }
 }

@@ -86,6 +86,12 @@ impl RawClient {
     /// Negotiate with NBD_OPT_GO; `Err` carries the server's message.
     pub fn go(mut stream: Box<dyn Stream>, name: &str) -> Result<RawClient, String> {
         greet(&mut *stream);
+        RawClient::go_greeted(stream, name)
+    }
+
+    /// NBD_OPT_GO on a stream that has already been greeted (and may have
+    /// negotiated other options).
+    pub fn go_greeted(mut stream: Box<dyn Stream>, name: &str) -> Result<RawClient, String> {
         let replies = option(
             &mut *stream,
             OPT_GO,

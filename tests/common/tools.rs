@@ -81,10 +81,28 @@ pub struct LoopDev {
 
 impl LoopDev {
     pub fn attach(file: &Path) -> LoopDev {
-        let out = run(Command::new("losetup").arg("-f").arg("--show").arg(file)).ok();
-        LoopDev {
-            path: PathBuf::from(out.stdout.trim()),
+        LoopDev::attach_with(file, &[])
+    }
+
+    /// `losetup -f --show ARGS FILE`, retried while another test races us
+    /// for the same free device.
+    pub fn attach_with(file: &Path, args: &[&str]) -> LoopDev {
+        let mut last = None;
+        for _ in 0..10 {
+            let out = run(Command::new("losetup")
+                .arg("-f")
+                .arg("--show")
+                .args(args)
+                .arg(file));
+            if out.code == 0 {
+                return LoopDev {
+                    path: PathBuf::from(out.stdout.trim()),
+                };
+            }
+            last = Some(out);
+            std::thread::sleep(Duration::from_millis(100));
         }
+        panic!("losetup failed: {last:?}");
     }
 }
 
