@@ -623,6 +623,7 @@ fn repctl_down_during_a_fio_run() {
     c.up_primary("alpha");
     let mut fio = Bg::spawn(
         Command::new("fio")
+            .current_dir(c.dir.path()) // fio leaves its verify state files here
             .args([
                 "--name=busy",
                 "--ioengine=nbd",
@@ -854,4 +855,52 @@ fn stalled_clients_do_not_block_a_clean_stop() {
     let md = c.dump_md("alpha");
     assert_eq!(md["flags"]["primary_indicator"], false, "{md}");
     drop((silent, half, partial, deaf));
+}
+
+/// Each `nbd-client` event is one client arriving or leaving, so in a
+/// stream delivered in order the count moves by exactly one per event, and
+/// the state before a later change (a demotion) shows no client.
+#[test]
+fn events_arrive_in_the_order_of_the_changes() {
+    let mut c = Spec::single(16 * MIB).build();
+    c.up_primary("alpha");
+    let events = Events::start(&c);
+    let first = events.next();
+    assert_eq!(first["nbd_clients"], 0);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..40 {
+                    c.client("alpha").disconnect();
+                }
+            });
+        }
+    });
+    c.wait_clients("alpha", 0);
+    c.repctl("alpha", &["secondary"]).ok();
+    let mut last = 0i64;
+    let mut seen = 0;
+    loop {
+        let v = events.next();
+        check_event(&v);
+        if v["event"] == "lagged" {
+            panic!("the reader fell behind; cannot check the order");
+        }
+        if v["role"] == "Secondary" {
+            assert_eq!(v["nbd_clients"], 0);
+            break;
+        }
+        if v["event"] == "nbd-client" {
+            let n = v["nbd_clients"].as_i64().unwrap();
+            assert_eq!(
+                (n - last).abs(),
+                1,
+                "event {seen}: nbd_clients went from {last} to {n}: out of order"
+            );
+            last = n;
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 8 * 40 * 2);
+    assert_eq!(last, 0, "the last client event must show no client");
 }

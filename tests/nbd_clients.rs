@@ -312,6 +312,7 @@ fn fio_random_writes_verify_with_crc32c() {
     let fio = |extra: &[&str]| {
         // Global options first: fio applies options to the job named last.
         let out = run(Command::new("fio")
+            .current_dir(c.dir.path()) // fio leaves its verify state files here
             .args([
                 "--ioengine=nbd",
                 "--rw=randwrite",
