@@ -170,6 +170,9 @@ pub(crate) async fn serve<R, W, E>(
         let (export, tx) = (export.clone(), tx.clone());
         tokio::spawn(async move {
             let reply = execute(&*export, header.cookie, command, payload).await;
+            // Let go of the export before the writer can see this task
+            // done: when a connection ends, nothing of it holds the export.
+            drop(export);
             let _ = tx.send(reply);
             drop(permit);
         });

@@ -9,8 +9,11 @@
 //!
 //! Stop order (SIGTERM, SIGINT or `repctl down`): the NBD server stops
 //! accepting and every connection finishes the requests it has read; then
-//! the core demotes and writes a clean-shutdown superblock; then the
-//! engines drain; then the process exits 0.
+//! the core demotes and writes a clean-shutdown superblock; then the control
+//! connections end and the engines drain; then the disk is closed (its lock
+//! released); only then is `repctl down` answered, and the process exits 0.
+//! So when `repctl down` returns, the disk is free for `repctl create-md`,
+//! `dump-md` or a new repd.
 
 mod control;
 mod export;
@@ -205,23 +208,47 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         .thread_name("repd")
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(async {
+    let stop = runtime.block_on(async {
         let shared = Shared::new(Node::new(params, sb), storage.clone(), meta.clone());
         serve(&config, &node, shared).await
     });
+    // `serve` has let go of the node; once the engines have drained, these
+    // are the last handles on the disk.
     storage.shutdown();
     meta.shutdown();
-    result
+    drop((storage, meta, meta_backing));
+    match Arc::try_unwrap(backing) {
+        Ok(backing) => drop(backing),
+        Err(_) => warn!("the disk is still in use inside repd; it is released when repd exits"),
+    }
+    let stop = stop?;
+    if let Some(d) = stop.down {
+        let response = match &stop.result {
+            Ok(_) => Response::ok("stopped"),
+            Err(e) => Response::error(e.message.clone()),
+        };
+        runtime.block_on(d.respond(response));
+    }
+    stop.result
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!(e.message))
+}
+
+/// How `serve` ended: the clean stop's result, and the `repctl down` that
+/// asked for it, answered once the disk is released.
+struct Stop {
+    result: Result<String, crate::core::CommandError>,
+    down: Option<DownRequest>,
 }
 
 async fn serve(
     config: &Config,
     node: &crate::config::NodeConfig,
     shared: Arc<Shared>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Stop> {
     let cancel = CancellationToken::new();
     let (down_tx, mut down_rx) = mpsc::unbounded_channel();
-    let _control = ControlServer::bind(&node.control, shared.clone(), down_tx, cancel.clone())
+    let control = ControlServer::bind(&node.control, shared.clone(), down_tx, cancel.clone())
         .with_context(|| format!("cannot open control socket {}", node.control.display()))?;
     let listen = match &node.nbd {
         NbdListen::Tcp(addr) => Listen::Tcp(*addr),
@@ -256,14 +283,8 @@ async fn serve(
         Err(e) => warn!("stop: {}", e.message),
     }
     cancel.cancel();
-    if let Some(d) = down {
-        let response = match &result {
-            Ok(_) => Response::ok("stopped"),
-            Err(e) => Response::error(e.message.clone()),
-        };
-        d.respond(response).await;
-    }
-    result.map(drop).map_err(|e| anyhow::anyhow!(e.message))
+    control.close().await;
+    Ok(Stop { result, down })
 }
 
 /// A `repctl down` waiting for its answer, and for the answer to be written
