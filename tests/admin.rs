@@ -904,3 +904,37 @@ fn events_arrive_in_the_order_of_the_changes() {
     assert_eq!(seen, 8 * 40 * 2);
     assert_eq!(last, 0, "the last client event must show no client");
 }
+
+/// When `repctl down` returns, the disk is free: a script can go on with
+/// the metadata commands (or a new repd) at once, as after `drbdadm down`.
+#[test]
+fn repctl_down_returns_with_the_disk_released() {
+    let mut c = Spec::single(16 * MIB).build();
+    c.repctl("alpha", &["create-md"]).ok();
+    for round in 0..30 {
+        c.start("alpha");
+        c.repctl("alpha", &["primary", "--force"]).ok();
+        c.client("alpha")
+            .write(0, &pattern(round, 4096), true)
+            .unwrap();
+        // Control clients that stay: one that never sends its request, and
+        // an events reader.
+        let silent = std::os::unix::net::UnixStream::connect(&c.node("alpha").control).unwrap();
+        let events = Events::start(&c);
+        events.next();
+        c.repctl("alpha", &["down"]).ok();
+        // No waiting for the process.
+        let out = c.repctl("alpha", &["dump-md"]);
+        assert_eq!(
+            out.code, 0,
+            "round {round}: dump-md right after down: {out:?}"
+        );
+        assert_eq!(c.wait_exit("alpha"), Some(0));
+        drop((silent, events));
+    }
+    assert!(
+        !c.log("alpha").contains("still in use"),
+        "{}",
+        c.log("alpha")
+    );
+}
