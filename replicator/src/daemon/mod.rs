@@ -222,23 +222,23 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         Err(_) => warn!("the disk is still in use inside repd; it is released when repd exits"),
     }
     let stop = stop?;
-    if let Some(d) = stop.down {
-        let response = match &stop.result {
-            Ok(_) => Response::ok("stopped"),
-            Err(e) => Response::error(e.message.clone()),
-        };
-        runtime.block_on(d.respond(response));
+    let response = match &stop.result {
+        Ok(_) => Response::ok("stopped"),
+        Err(e) => Response::error(e.message.clone()),
+    };
+    for d in stop.downs {
+        runtime.block_on(d.respond(response.clone()));
     }
     stop.result
         .map(drop)
         .map_err(|e| anyhow::anyhow!(e.message))
 }
 
-/// How `serve` ended: the clean stop's result, and the `repctl down` that
-/// asked for it, answered once the disk is released.
+/// How `serve` ended: the clean stop's result, and every `repctl down`
+/// that asked for it, answered once the disk is released.
 struct Stop {
     result: Result<String, crate::core::CommandError>,
-    down: Option<DownRequest>,
+    downs: Vec<DownRequest>,
 }
 
 async fn serve(
@@ -270,7 +270,7 @@ async fn serve(
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let down = tokio::select! {
+    let first = tokio::select! {
         _ = term.recv() => { info!("SIGTERM: stopping"); None }
         _ = int.recv() => { info!("SIGINT: stopping"); None }
         Some(d) = down_rx.recv() => { info!("repctl down: stopping"); Some(d) }
@@ -284,7 +284,13 @@ async fn serve(
     }
     cancel.cancel();
     control.close().await;
-    Ok(Stop { result, down })
+    // Every control connection has ended: any other `repctl down` sent
+    // meanwhile is queued by now.
+    let mut downs: Vec<DownRequest> = first.into_iter().collect();
+    while let Ok(d) = down_rx.try_recv() {
+        downs.push(d);
+    }
+    Ok(Stop { result, downs })
 }
 
 /// A `repctl down` waiting for its answer, and for the answer to be written
