@@ -938,3 +938,42 @@ fn repctl_down_returns_with_the_disk_released() {
         c.log("alpha")
     );
 }
+
+/// Whether nobody holds `path` locked exclusively (as repd does).
+fn disk_unlocked(path: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: flock on a descriptor we own; the lock goes with the file.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 }
+}
+
+/// Several `repctl down` at once: each gets the answer, after the disk is
+/// released.
+#[test]
+fn concurrent_repctl_downs_all_return_with_the_disk_released() {
+    let mut c = Spec::single(16 * MIB).build();
+    c.repctl("alpha", &["create-md"]).ok();
+    for round in 0..10 {
+        c.start("alpha");
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    let out = c.repctl("alpha", &["down"]);
+                    // A down that connects while repd is already closing its
+                    // control socket finds no repd to answer it.
+                    if out.code == 4 {
+                        return;
+                    }
+                    assert_eq!(out.code, 0, "round {round}: {out:?}");
+                    // dump-md would take the lock exclusively and race the
+                    // other threads' checks: take it shared.
+                    assert!(
+                        disk_unlocked(&c.node("alpha").disk),
+                        "round {round}: down returned, the disk is locked"
+                    );
+                });
+            }
+        });
+        assert_eq!(c.wait_exit("alpha"), Some(0));
+    }
+}
