@@ -977,3 +977,20 @@ fn concurrent_repctl_downs_all_return_with_the_disk_released() {
         assert_eq!(c.wait_exit("alpha"), Some(0));
     }
 }
+
+/// A second repd for the same disk refuses to start, in one line, and the
+/// first one goes on serving (its sockets untouched).
+#[test]
+fn a_second_repd_on_the_same_disk_refuses_to_start() {
+    let mut c = Spec::single(16 * MIB).build();
+    c.up_primary("alpha");
+    let out = c.repd_once("alpha", &c.config, &[]);
+    assert_ne!(out.code, 0, "{out:?}");
+    let l = lines(&out.stderr);
+    assert_eq!(l.len(), 1, "{}", out.stderr);
+    assert!(l[0].contains("in use"), "{}", l[0]);
+    assert_eq!(c.status("alpha")["role"], "Primary");
+    let mut client = c.client("alpha");
+    client.write(0, &pattern(9, 4096), false).unwrap();
+    assert_eq!(client.read(0, 4096).unwrap(), pattern(9, 4096));
+}

@@ -77,6 +77,10 @@ fn strace_flush_and_fua(io: &str) {
     let fua_at = 64 * BLOCK as u64;
     client.write(fua_at, &pattern(99, BLOCK), true).unwrap();
     client.read(MARKS[2], BLOCK as u32).unwrap();
+    // Phase 4: qemu-io's `write -f`, for a client we do not control.
+    let qemu_at = 128 * BLOCK as u64;
+    let out = c.qemu_io("alpha", &[&format!("write -f -P 0x42 {qemu_at} 4096")]);
+    assert_eq!(out.code, 0, "{out:?}");
 
     let log = strace.finish();
     let calls = parse_strace(&log);
@@ -130,6 +134,15 @@ fn strace_flush_and_fua(io: &str) {
         writes[0].1
     );
     assert_eq!(syncs(m[1]..m[2]), 0, "{log}");
+
+    // Phase 4: qemu's FUA write is RWF_DSYNC too.
+    let writes = data_writes(m[2]..calls.len());
+    assert!(
+        writes
+            .iter()
+            .any(|(o, f)| *o == qemu_at && f.contains("RWF_DSYNC")),
+        "qemu-io write -f: {writes:?}\n{log}"
+    );
 
     // And the data is there.
     for i in 0..N {

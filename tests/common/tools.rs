@@ -135,6 +135,21 @@ impl Mount {
         }
     }
 
+    /// A tmpfs of `size` (e.g. "8m") at `dir`: a filesystem that fills up.
+    pub fn tmpfs(dir: &Path, size: &str) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size}"))
+            .arg("tmpfs")
+            .arg(dir))
+        .ok();
+        Mount {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
     /// Unmount now; panics if it fails.
     pub fn unmount(mut self) {
         run(Command::new("umount").arg(&self.dir)).ok();
