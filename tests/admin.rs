@@ -994,3 +994,42 @@ fn a_second_repd_on_the_same_disk_refuses_to_start() {
     client.write(0, &pattern(9, 4096), false).unwrap();
     assert_eq!(client.read(0, 4096).unwrap(), pattern(9, 4096));
 }
+
+/// Logs that go to a file or the journal carry no terminal colour codes,
+/// and `--log-format json` gives one JSON object per line.
+#[test]
+fn logs_are_plain_text_or_json_lines() {
+    let c = Spec::single(16 * MIB).build();
+    c.repctl("alpha", &["create-md"]).ok();
+    for (format, json) in [("human", false), ("json", true)] {
+        let log = c.path(&format!("{format}.log"));
+        let mut repd = common::tools::Bg::spawn(
+            Command::new(REPD)
+                .arg("--config")
+                .arg(&c.config)
+                .args(["--node", "alpha", "--log-format", format])
+                .env_remove("NO_COLOR")
+                .env("TANDEM_LOG", "info")
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
+        wait_for("repd to answer", Duration::from_secs(20), || {
+            (c.repctl("alpha", &["status"]).code == 0).then_some(())
+        });
+        c.repctl("alpha", &["primary", "--force"]).ok();
+        c.repctl("alpha", &["down"]).ok();
+        assert!(repd.wait(Duration::from_secs(20)).success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("Primary"), "{text}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "{format} log has terminal escape codes:\n{text:?}"
+        );
+        if json {
+            for line in lines(&text) {
+                let v: Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+            }
+        }
+    }
+}
