@@ -1033,3 +1033,81 @@ fn logs_are_plain_text_or_json_lines() {
         }
     }
 }
+
+/// `meta-disk` as a separate file: create-md creates it, the whole disk is
+/// data (to its last byte), dump-md shows the external layout.
+#[test]
+fn external_metadata_leaves_the_whole_disk_to_data() {
+    let mut c = Spec::single(32 * MIB)
+        .node_toml("alpha", "meta-disk = \"{dir}/alpha.md\"")
+        .build();
+    c.repctl("alpha", &["create-md"]).ok();
+    let md_file = c.path("alpha.md");
+    assert!(md_file.exists(), "create-md creates the metadata file");
+    let md = c.dump_md("alpha");
+    assert_eq!(md["layout"]["meta_disk"], "external", "{md}");
+    assert_eq!(md["size_bytes"].as_u64(), Some(32 * MIB), "{md}");
+    c.start("alpha");
+    c.repctl("alpha", &["primary", "--force"]).ok();
+    assert_eq!(c.size("alpha"), 32 * MIB);
+    let mut client = c.client("alpha");
+    let tail = pattern(21, 4096 + 3);
+    client
+        .write(32 * MIB - tail.len() as u64, &tail, true)
+        .unwrap();
+    assert_eq!(
+        client
+            .read(32 * MIB - tail.len() as u64, tail.len() as u32)
+            .unwrap(),
+        tail
+    );
+    assert_eq!(
+        client.read(32 * MIB - 1, 2),
+        Err(tandem_proto::nbd::ErrorCode::Invalid)
+    );
+    client.disconnect();
+    assert_eq!(c.down("alpha"), Some(0));
+    assert_eq!(
+        c.read_disk("alpha", 32 * MIB - tail.len() as u64, tail.len()),
+        tail
+    );
+    let md = c.dump_md("alpha");
+    assert_eq!(
+        md["flags"]["consistent"], true,
+        "the metadata went to the external file: {md}"
+    );
+    // Without its metadata file, repd says so in one line.
+    std::fs::remove_file(&md_file).unwrap();
+    let out = c.repd_once("alpha", &c.config, &[]);
+    assert_ne!(out.code, 0);
+    assert_eq!(lines(&out.stderr).len(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("alpha.md"), "{}", out.stderr);
+}
+
+/// `--config` defaults to `$TANDEM_CONFIG`; `--node` to the only node.
+#[test]
+fn config_from_the_environment_and_the_only_node_by_default() {
+    let c = Spec::single(16 * MIB).build();
+    c.repctl("alpha", &["create-md"]).ok();
+    let mut repd = common::tools::Bg::spawn(
+        Command::new(REPD)
+            .arg("--config")
+            .arg(&c.config)
+            .stderr(Stdio::null()),
+    );
+    let status = || {
+        run(Command::new(REPCTL)
+            .env("TANDEM_CONFIG", &c.config)
+            .args(["status", "--json"]))
+    };
+    wait_for("repd without --node", Duration::from_secs(20), || {
+        (status().code == 0).then_some(())
+    });
+    let v: Value = serde_json::from_str(&status().stdout).unwrap();
+    assert_eq!(v["node"], "alpha");
+    run(Command::new(REPCTL)
+        .env("TANDEM_CONFIG", &c.config)
+        .arg("down"))
+    .ok();
+    assert!(repd.wait(Duration::from_secs(20)).success());
+}

@@ -103,6 +103,9 @@ pub struct Spec {
     pub repd_args: Vec<String>,
     /// Nodes whose disk is an existing file or block device (not created).
     pub disks: Vec<(&'static str, PathBuf)>,
+    /// Extra TOML lines for a node's `[[node]]` section; `{dir}` in them
+    /// is replaced by the cluster's directory.
+    pub node_extra: Vec<(&'static str, String)>,
 }
 
 impl Spec {
@@ -115,11 +118,19 @@ impl Spec {
             extra_sections: String::new(),
             repd_args: Vec::new(),
             disks: Vec::new(),
+            node_extra: Vec::new(),
         }
     }
 
     /// Use `path` (e.g. a loop device) as `node`'s disk instead of a new
     /// sparse file; the cluster neither creates nor removes it.
+    /// Add `lines` to `node`'s `[[node]]` section (`{dir}` is the
+    /// cluster's directory), e.g. `meta-disk = "{dir}/alpha.md"`.
+    pub fn node_toml(mut self, node: &'static str, lines: &str) -> Spec {
+        self.node_extra.push((node, lines.to_string()));
+        self
+    }
+
     pub fn disk(mut self, node: &'static str, path: impl Into<PathBuf>) -> Spec {
         self.disks.push((node, path.into()));
         self
@@ -197,6 +208,10 @@ impl Cluster {
                 nbd,
                 node.control.display()
             );
+            for (_, lines) in spec.node_extra.iter().filter(|(n, _)| n == name) {
+                toml += &lines.replace("{dir}", &dir.path().display().to_string());
+                toml += "\n";
+            }
             nodes.push(node);
         }
         toml += &spec.extra_sections;
