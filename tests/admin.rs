@@ -1111,3 +1111,25 @@ fn config_from_the_environment_and_the_only_node_by_default() {
     .ok();
     assert!(repd.wait(Duration::from_secs(20)).success());
 }
+
+/// Metadata that belongs to another resource, and a disk too small for
+/// any: one line each, naming the problem and the way out.
+#[test]
+fn foreign_metadata_and_a_tiny_disk_are_one_line_each() {
+    let c = Spec::single(16 * MIB).build();
+    c.repctl("alpha", &["create-md"]).ok();
+    let text = std::fs::read_to_string(&c.config).unwrap();
+    let other = c.path("r1.toml");
+    std::fs::write(&other, text.replacen("name = \"r0\"", "name = \"r1\"", 1)).unwrap();
+    let out = c.repd_once("alpha", &other, &[]);
+    assert_ne!(out.code, 0);
+    let l = lines(&out.stderr);
+    assert_eq!(l.len(), 1, "{}", out.stderr);
+    assert!(l[0].contains("\"r0\"") && l[0].contains("\"r1\"") && l[0].contains("create-md --force"), "{}", l[0]);
+
+    let tiny = Spec::single(512 * 1024).build();
+    let out = tiny.repctl("alpha", &["create-md"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(lines(&out.stderr).len(), 1, "{out:?}");
+    assert!(out.stderr.contains("too small"), "{out:?}");
+}
