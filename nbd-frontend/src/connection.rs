@@ -1,11 +1,14 @@
 //! One NBD client connection: handshake, request loop, reply writer.
 //!
 //! The reader reads a header, validates it with `tandem_proto`, charges the
-//! request's payload against the connection's byte budget *before*
-//! buffering it, reads the payload into an aligned buffer, and spawns the
-//! request. Each request task sends its reply to the writer task, which
-//! batches replies into as few socket writes as possible. Replies go out in
-//! completion order; the cookie matches them to requests.
+//! request's payload (or, for a read, its answer's data) against the
+//! connection's byte budget *before* buffering it, reads the payload into
+//! an aligned buffer, and spawns the request. Each request task sends its
+//! reply to the writer task, which batches replies into as few socket
+//! writes as possible. Replies go out in completion order; the cookie
+//! matches them to requests. A reply carries its budget until it has been
+//! written (or dropped): a client that does not read its answers stops the
+//! reader once the budget is spent, instead of making answers pile up.
 //!
 //! Ending a session (DISC, EOF, violation, server shutdown) stops the
 //! reader only. The writer ends when the last request task has sent its
@@ -22,7 +25,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -45,6 +48,9 @@ const PER_REQUEST_CHARGE: u32 = 4096;
 struct Reply {
     header: [u8; 16],
     data: Option<Bytes>,
+    /// The request's share of the connection's budget, given back when
+    /// the reply is written or dropped.
+    budget: Option<OwnedSemaphorePermit>,
 }
 
 /// Serve one client until it leaves or the server shuts down.
@@ -132,9 +138,19 @@ pub(crate) async fn serve<R, W, E>(
                 if !matches!(skipped, Ok(n) if n == u64::from(discard)) {
                     break "client closed the connection";
                 }
+                // An error answer waits for the client like any other.
+                let permit = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break "server shutting down",
+                    p = budget.clone().acquire_many_owned(PER_REQUEST_CHARGE) => match p {
+                        Ok(p) => p,
+                        Err(_) => break "budget closed",
+                    },
+                };
                 let _ = tx.send(Reply {
                     header: SimpleReply::err(header.cookie, error).encode(),
                     data: None,
+                    budget: Some(permit),
                 });
                 continue;
             }
@@ -169,12 +185,12 @@ pub(crate) async fn serve<R, W, E>(
         };
         let (export, tx) = (export.clone(), tx.clone());
         tokio::spawn(async move {
-            let reply = execute(&*export, header.cookie, command, payload).await;
+            let mut reply = execute(&*export, header.cookie, command, payload).await;
             // Let go of the export before the writer can see this task
             // done: when a connection ends, nothing of it holds the export.
             drop(export);
+            reply.budget = Some(permit);
             let _ = tx.send(reply);
-            drop(permit);
         });
     };
     debug!("NBD client {peer}: {end}; finishing requests in flight");
@@ -197,6 +213,7 @@ async fn execute<E: Export>(
                 return Reply {
                     header: SimpleReply::ok(cookie).encode(),
                     data: Some(data),
+                    budget: None,
                 };
             }
             Err(e) => Err(e),
@@ -232,6 +249,7 @@ async fn execute<E: Export>(
     Reply {
         header: header.encode(),
         data: None,
+        budget: None,
     }
 }
 

@@ -40,8 +40,9 @@ pub enum BoundAddr {
 pub struct ServerLimits {
     /// Largest READ or WRITE payload; larger writes close the connection.
     pub max_payload: u32,
-    /// Payload bytes one connection may have buffered in flight (plus a
-    /// small per-request charge, so the number of requests is bounded too).
+    /// Bytes one connection may have buffered in flight: write payloads
+    /// and read data until their replies are written (plus a small
+    /// per-request charge, so the number of requests is bounded too).
     pub max_buffered_bytes: u32,
     /// A client that has not finished negotiating after this is dropped.
     pub handshake_timeout: Duration,
