@@ -1125,7 +1125,11 @@ fn foreign_metadata_and_a_tiny_disk_are_one_line_each() {
     assert_ne!(out.code, 0);
     let l = lines(&out.stderr);
     assert_eq!(l.len(), 1, "{}", out.stderr);
-    assert!(l[0].contains("\"r0\"") && l[0].contains("\"r1\"") && l[0].contains("create-md --force"), "{}", l[0]);
+    assert!(
+        l[0].contains("\"r0\"") && l[0].contains("\"r1\"") && l[0].contains("create-md --force"),
+        "{}",
+        l[0]
+    );
 
     let tiny = Spec::single(512 * 1024).build();
     let out = tiny.repctl("alpha", &["create-md"]);

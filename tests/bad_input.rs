@@ -25,6 +25,12 @@ use tandem_proto::nbd::transmission::RequestHeader;
 const MIB: u64 = 1 << 20;
 const MAX_PAYLOAD: u32 = 32 << 20;
 
+fn serving_unix() -> Cluster {
+    let mut c = Spec::single(64 * MIB).build();
+    c.up_primary("alpha");
+    c
+}
+
 fn serving() -> Cluster {
     let mut c = Spec::single(64 * MIB).nbd(NbdKind::Tcp).build();
     c.up_primary("alpha");
@@ -540,4 +546,119 @@ fn a_thousand_bad_sessions_while_a_good_client_works() {
     // No session is left attached: demotion is allowed.
     c.repctl("alpha", &["secondary"]).ok();
     assert_eq!(c.down("alpha"), Some(0));
+}
+
+/// repd's resident memory in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib * 1024
+}
+
+/// A client that asks for data and never reads it cannot make repd buffer
+/// more than a connection's budget (256 MiB): 40 reads of 32 MiB (1.25 GiB)
+/// stay unread in the socket.
+#[test]
+fn unread_answers_are_bounded_by_the_connection_budget() {
+    let mut c = Spec::single(64 * MIB)
+        .nbd(NbdKind::Tcp)
+        .repd_args(&["--no-mlock"])
+        .build();
+    c.up_primary("alpha");
+    let pid = c.pid("alpha");
+    let base = rss(pid);
+    let mut client = c.client("alpha");
+    let before = c.status("alpha")["counters"]["disk_read_bytes"]
+        .as_u64()
+        .unwrap();
+    for _ in 0..40 {
+        client.send(CMD_READ, 0, 0, MAX_PAYLOAD, &[]);
+    }
+    // Wait until repd has read what its budget allows, and a little longer
+    // for anything it should not have done.
+    let read = wait_for(
+        "repd to execute reads",
+        std::time::Duration::from_secs(30),
+        || {
+            let read = c.status("alpha")["counters"]["disk_read_bytes"]
+                .as_u64()
+                .unwrap()
+                - before;
+            (read >= 7 * u64::from(MAX_PAYLOAD)).then_some(read)
+        },
+    );
+    let deadline = Instant::now() + std::time::Duration::from_secs(1);
+    let mut peak = 0;
+    while Instant::now() < deadline {
+        peak = peak.max(rss(pid));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let read_now = c.status("alpha")["counters"]["disk_read_bytes"]
+        .as_u64()
+        .unwrap()
+        - before;
+    eprintln!("read {read} then {read_now} bytes; rss {base} -> {peak}");
+    assert!(
+        read_now <= 9 * u64::from(MAX_PAYLOAD),
+        "repd executed {read_now} bytes of reads nobody takes"
+    );
+    assert!(
+        peak - base < 400 * MIB,
+        "repd grew by {} MiB for one connection",
+        (peak - base) / MIB
+    );
+    drop(client);
+    assert_serves(&mut c, 9);
+}
+
+/// Requests that are refused (here an unknown command) take budget too
+/// until their answers are taken: a client that sends them without reading
+/// is stopped, rather than making repd queue answers without bound.
+#[test]
+fn unread_refusals_are_bounded_too() {
+    use std::os::unix::net::UnixStream;
+    let mut c = serving_unix();
+    let s = UnixStream::connect(&c.node("alpha").nbd_socket).unwrap();
+    s.set_write_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    let raw = RawClient::go(Box::new(s.try_clone().unwrap()), "r0").unwrap();
+    let batch: Vec<u8> = (0..1024u64).flat_map(|i| header(99, 0, i, 0, 0)).collect();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut w = &s;
+    let blocked = loop {
+        if sent >= 1 << 20 {
+            break false;
+        }
+        match w.write_all(&batch) {
+            Ok(()) => sent += 1024,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break true;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    eprintln!(
+        "sent {sent} refused requests in {:?}; blocked: {blocked}",
+        started.elapsed()
+    );
+    assert!(
+        blocked,
+        "repd read {sent} requests whose answers nobody reads"
+    );
+    drop((raw, s));
+    assert_serves(&mut c, 10);
 }
