@@ -662,3 +662,84 @@ fn unread_refusals_are_bounded_too() {
     drop((raw, s));
     assert_serves(&mut c, 10);
 }
+
+/// Zero-length requests, also at the very end, are answered (success or
+/// EINVAL), change nothing and do not fail the disk; the session goes on.
+fn zero_length_requests(io: &str) {
+    let mut c = Spec::single(64 * MIB).repd_args(&["--io", io]).build();
+    c.up_primary("alpha");
+    let size = c.size("alpha");
+    let mut client = c.client("alpha");
+    client.write(0, &pattern(11, 8192), false).unwrap();
+    for offset in [0, 4095, size - 1, size] {
+        for (command, flags) in [
+            (CMD_READ, 0),
+            (CMD_WRITE, 0),
+            (CMD_WRITE, CMD_FLAG_FUA),
+            (CMD_TRIM, 0),
+            (CMD_WRITE_ZEROES, 0),
+            (CMD_CACHE, 0),
+        ] {
+            let cookie = client.send(command, flags, offset, 0, &[]);
+            let r = client.reply();
+            assert_eq!(r.cookie, cookie);
+            assert!(
+                matches!(r.error, None | Some(ErrorCode::Invalid)),
+                "command {command} at {offset}: {:?}",
+                r.error
+            );
+        }
+    }
+    assert!(client.read(0, 8192).unwrap() == pattern(11, 8192));
+    client.disconnect();
+    assert_eq!(c.status("alpha")["disk"], "UpToDate");
+    assert_serves(&mut c, 11);
+}
+
+#[test]
+fn zero_length_requests_are_answered_direct() {
+    zero_length_requests("direct");
+}
+
+#[test]
+fn zero_length_requests_are_answered_buffered() {
+    zero_length_requests("buffered");
+}
+
+/// NBD_CMD_DISC right behind a burst of writes: every write is answered
+/// before the connection closes.
+#[test]
+fn a_disconnect_behind_requests_in_flight_answers_them_first() {
+    let mut c = serving();
+    for round in 0..10u64 {
+        let mut client = c.client("alpha");
+        let mut cookies = std::collections::HashSet::new();
+        for i in 0..32u64 {
+            cookies.insert(client.send(
+                CMD_WRITE,
+                0,
+                (round * 32 + i) * 65536,
+                65536,
+                &pattern(round * 32 + i, 65536),
+            ));
+        }
+        client.send(CMD_DISC, 0, 0, 0, &[]);
+        for _ in 0..32 {
+            let r = client
+                .try_reply()
+                .expect("an answer to a write sent before NBD_CMD_DISC");
+            assert_eq!(r.error, None);
+            assert!(cookies.remove(&r.cookie));
+        }
+        client.expect_closed();
+    }
+    let mut client = c.client("alpha");
+    for b in 0..320u64 {
+        assert!(
+            client.read(b * 65536, 65536).unwrap() == pattern(b, 65536),
+            "block {b}"
+        );
+    }
+    client.disconnect();
+    assert_serves(&mut c, 12);
+}
