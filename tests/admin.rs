@@ -1185,3 +1185,72 @@ fn kill_9_under_load_loses_no_answered_write_direct() {
 fn kill_9_under_load_loses_no_answered_write_buffered() {
     crash_under_load("buffered");
 }
+
+/// Role changes racing client attachment (invariants 8 and 9): a client
+/// that got in is never served by a Secondary, so all its I/O succeeds;
+/// demotion is refused while it is attached, and GO while Secondary.
+#[test]
+fn role_changes_racing_clients_never_fail_attached_io() {
+    let mut c = Spec::single(16 * MIB).build();
+    c.up_primary("alpha");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (served, refused) = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (c, done) = (&c, &done);
+                s.spawn(move || {
+                    let (mut served, mut refused) = (0u64, 0u64);
+                    let mut i = 0u64;
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        i += 1;
+                        match nbd::RawClient::go(c.connect("alpha"), "r0") {
+                            Ok(mut client) => {
+                                let offset = t * MIB + (i % 64) * 4096;
+                                let data = pattern(i, 4096);
+                                client
+                                    .write(offset, &data, false)
+                                    .expect("a write of an attached client");
+                                assert_eq!(
+                                    client
+                                        .read(offset, 4096)
+                                        .expect("a read of an attached client"),
+                                    data
+                                );
+                                client.disconnect();
+                                served += 1;
+                                // Jitter (not synchronisation): leave moments
+                                // with no client, when demotion is allowed.
+                                std::thread::sleep(Duration::from_micros(
+                                    pattern(i, 1)[0] as u64 * 8,
+                                ));
+                            }
+                            Err(e) => {
+                                assert!(e.contains("Secondary"), "{e}");
+                                refused += 1;
+                            }
+                        }
+                    }
+                    (served, refused)
+                })
+            })
+            .collect();
+        let mut demoted = 0;
+        for _ in 0..100 {
+            let out = c.repctl("alpha", &["secondary"]);
+            match out.code {
+                0 => demoted += 1,
+                3 => assert!(out.stderr.contains("NBD client"), "{out:?}"),
+                _ => panic!("{out:?}"),
+            }
+            c.repctl("alpha", &["primary"]).ok();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(demoted > 0, "never demoted");
+        clients
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    });
+    eprintln!("{served} clients served, {refused} refused");
+    assert!(served > 0);
+}
