@@ -281,9 +281,17 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 format!("the client did not take its replies within {grace:?} of the shutdown"),
             )),
         };
-        if let Err(e) = sent {
-            info!("NBD client {peer}: cannot send replies: {e}; dropping them");
-            broken = true;
+        match sent {
+            Ok(()) => {}
+            // A client that vanished is routine; one that stalls a stop is not.
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                info!("NBD client {peer}: {e}; dropping them");
+                broken = true;
+            }
+            Err(e) => {
+                debug!("NBD client {peer}: cannot send replies: {e}");
+                broken = true;
+            }
         }
     }
     if !broken {
