@@ -3,10 +3,13 @@
 //!
 //! Every input to the core goes through [`Shared::run`], which locks the
 //! core, applies the input, drains the outputs into a list of actions while
-//! still holding the lock (so events see the state that produced them), and
-//! then carries the actions out *after* releasing it. Storage submissions in
-//! particular happen outside the lock: a completion may run synchronously
-//! and re-enter `run`.
+//! still holding the lock, and then carries the actions out *after*
+//! releasing it. Storage submissions in particular happen outside the lock:
+//! a completion may run synchronously and re-enter `run`.
+//!
+//! Events are the exception: each is built and published while the lock is
+//! held (publishing never blocks), so every event shows the state that
+//! produced it and events reach readers in the order of the changes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -53,7 +56,6 @@ enum Action {
         tx: oneshot::Sender<Result<String, CommandError>>,
         result: Result<String, CommandError>,
     },
-    Event(String),
 }
 
 impl Shared {
@@ -121,8 +123,12 @@ impl Shared {
                     None => continue,
                 },
                 Output::StateChanged { event } => {
+                    // Published under the lock: two threads that each
+                    // changed the state cannot publish in the wrong order.
                     let status = inner.core.status(self.engine_status());
-                    Action::Event(event_line(event, &status))
+                    // No subscriber is not an error.
+                    let _ = self.events.send(event_line(event, &status));
+                    continue;
                 }
             });
         }
@@ -158,9 +164,6 @@ impl Shared {
             }
             Action::Command { tx, result } => {
                 let _ = tx.send(result);
-            }
-            Action::Event(line) => {
-                let _ = self.events.send(line);
             }
         }
     }
