@@ -6,12 +6,19 @@
 //!
 //! ```text
 //! byte 0       config: bits 0-2 catalog mode (see `Mode`), bit 3 long texts,
-//!              bits 4-6 number N of chunk-size bytes, bit 7 unused
+//!              bits 4-6 number N of chunk-size bytes, bit 7 padding
 //! bytes 1..=N  chunk sizes, used in a cycle (0 = a call with no new bytes);
 //!              N = 0 feeds everything in one call
+//! 2 bytes      only with bit 7: a position P (u16, big-endian)
 //! rest         the client's byte stream: client flags, options, and
 //!              possibly bytes of the transmission phase
 //! ```
+//!
+//! With bit 7, [`PAD`] zero bytes are inserted into the stream at P (or at
+//! its end) and chunk sizes are multiplied by 257. This lets inputs within
+//! libFuzzer's default 4096-byte limit carry options longer than
+//! [`MAX_OPTION_DATA`], whose skipping and `NBD_REP_ERR_TOO_BIG` answer
+//! would otherwise be out of reach.
 //!
 //! What is checked:
 //! - no panic;
@@ -37,6 +44,10 @@ use tandem_proto::nbd::handshake::{
     BlockSizes, CloseReason, ExportCatalog, ExportDetails, MAX_OPTION_DATA, Negotiated, Refusal,
     RefusalKind, ServerHandshake, Status, Violation, client,
 };
+
+/// Zero bytes inserted by the padding bit: a little more than the longest
+/// option data the server buffers.
+pub const PAD: usize = MAX_OPTION_DATA + 64;
 
 const EXPORT: &str = "r0";
 const EXPORT_SIZE: u64 = 1 << 30;
@@ -588,13 +599,30 @@ pub fn check(data: &[u8]) -> Option<Status> {
     if rest.len() < n_sizes {
         return None;
     }
-    let (sizes, stream) = rest.split_at(n_sizes);
-    let mut sizes: Vec<usize> = sizes.iter().map(|&b| usize::from(b)).collect();
+    let (sizes, rest) = rest.split_at(n_sizes);
+    let padded = config & 0x80 != 0;
+    let scale = if padded { 257 } else { 1 };
+    let mut sizes: Vec<usize> = sizes.iter().map(|&b| usize::from(b) * scale).collect();
     if !sizes.is_empty() && sizes.iter().all(|&s| s == 0) {
-        sizes = vec![1];
+        sizes = vec![scale];
     }
     let mode = Mode::from_bits(config);
     let long = config & 8 != 0;
+    let mut owned;
+    let stream = if padded {
+        if rest.len() < 2 {
+            return None;
+        }
+        let (at, rest) = rest.split_at(2);
+        let at = usize::from(u16::from_be_bytes([at[0], at[1]])).min(rest.len());
+        owned = Vec::with_capacity(rest.len() + PAD);
+        owned.extend_from_slice(&rest[..at]);
+        owned.resize(at + PAD, 0);
+        owned.extend_from_slice(&rest[at..]);
+        &owned[..]
+    } else {
+        rest
+    };
 
     let (out, status, calls, consumed) = run(stream, &[], mode, long);
     let p = predict(stream, &calls);

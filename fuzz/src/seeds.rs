@@ -133,6 +133,19 @@ pub fn handshake() -> Vec<(String, Vec<u8>)> {
         ("secondary-long", 0x1a, &[7]),
     ];
     let mut v = Vec::new();
+    // An option too long to buffer, then GO: the padding bit (0x80) puts
+    // crate::handshake::PAD zero bytes at position 20, right after the
+    // long option's header, as its data.
+    let flags = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes();
+    for (name, option) in [("too-big", OPT_GO), ("unknown-long", 99)] {
+        let mut input = vec![0x90, 5, 0, 20];
+        input.extend_from_slice(&flags);
+        input.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        input.extend_from_slice(&option.to_be_bytes());
+        input.extend_from_slice(&(crate::handshake::PAD as u32).to_be_bytes());
+        input.extend_from_slice(&encode_option(OPT_GO, &encode_info_request("r0", &[])));
+        v.push((name.to_string(), input));
+    }
     for (session, stream) in sessions() {
         for (name, config, sizes) in configs {
             let mut input = vec![config];
