@@ -4,7 +4,9 @@
 //! byte the client sends to [`ServerHandshake::handle_input`], writes out
 //! whatever [`ServerHandshake::take_output`] returns, and stops when the
 //! status is [`Status::Transmission`] (start serving requests) or
-//! [`Status::Close`] (flush the output, then close).
+//! [`Status::Close`] (flush the output, then close). Both are final: any
+//! later call returns the same status again, consuming no input and queuing
+//! no output.
 //!
 //! What is negotiated: `NBD_OPT_GO`, `NBD_OPT_INFO` (EXPORT, NAME,
 //! DESCRIPTION, BLOCK_SIZE), `NBD_OPT_EXPORT_NAME`, `NBD_OPT_LIST`,
@@ -143,7 +145,8 @@ enum State {
         remaining: u64,
         reply: u32,
     },
-    Finished,
+    /// Negotiation is over; the status is returned again on every call.
+    Finished(Status),
 }
 
 /// The server side of one handshake.
@@ -187,7 +190,7 @@ impl ServerHandshake {
     ) -> Status {
         loop {
             match self.state {
-                State::Finished => return Status::NeedInput,
+                State::Finished(ref status) => return status.clone(),
                 State::ClientFlags => {
                     if input.len() < 4 {
                         return Status::NeedInput;
@@ -274,8 +277,9 @@ impl ServerHandshake {
     }
 
     fn close(&mut self, reason: CloseReason) -> Status {
-        self.state = State::Finished;
-        Status::Close(reason)
+        let status = Status::Close(reason);
+        self.state = State::Finished(status.clone());
+        status
     }
 
     /// Handle one complete option; `Some` ends the negotiation.
@@ -361,11 +365,12 @@ impl ServerHandshake {
     }
 
     fn finish(&mut self, export: ExportDetails) -> Status {
-        self.state = State::Finished;
-        Status::Transmission(Negotiated {
+        let status = Status::Transmission(Negotiated {
             export,
             client_flags: self.client_flags,
-        })
+        });
+        self.state = State::Finished(status.clone());
+        status
     }
 
     fn send_infos(&mut self, option: u32, export: &ExportDetails, requests: &[u16]) {
@@ -755,6 +760,45 @@ mod tests {
         assert!(input.is_empty());
         let r = replies(hs.take_output());
         assert_eq!(r[0].reply_type, REP_ERR_TOO_BIG);
+    }
+
+    /// Found by the `handshake` fuzz target (minimised input: client flags
+    /// with unknown bits): a second call after `Close` or `Transmission`
+    /// returned `NeedInput`, telling a driver to wait for more input on a
+    /// session that is over.
+    #[test]
+    fn final_status_stays_final() {
+        let mut cat = OneExport {
+            refuse: None,
+            selected: 0,
+        };
+        let mut sessions = Vec::new();
+        // Unknown client flags.
+        sessions.push(start(0xa4_91_e6_a4));
+        // ABORT.
+        let (hs, mut input) = start(CLIENT_FIXED_NEWSTYLE);
+        input.extend_from_slice(&encode_option(OPT_ABORT, &[]));
+        sessions.push((hs, input));
+        // GO, followed by the first transmission bytes.
+        let (hs, mut input) = start(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES);
+        input.extend_from_slice(&encode_option(OPT_GO, &encode_info_request("r0", &[])));
+        input.extend_from_slice(&[0x25, 0x60, 0x95, 0x13]);
+        sessions.push((hs, input));
+        for (mut hs, mut input) in sessions {
+            let first = hs.handle_input(&mut input, &mut cat);
+            assert_ne!(first, Status::NeedInput);
+            hs.take_output();
+            let left = input.len();
+            for more in [&[][..], &[1, 2, 3][..]] {
+                input.extend_from_slice(more);
+                let before = input.len();
+                assert_eq!(hs.handle_input(&mut input, &mut cat), first);
+                assert_eq!(input.len(), before, "input consumed after {first:?}");
+                assert!(hs.take_output().is_empty(), "output after {first:?}");
+            }
+            assert!(left <= 4);
+        }
+        assert_eq!(cat.selected, 1);
     }
 
     #[test]
