@@ -30,7 +30,8 @@
 #   WORKDIR [/work]    where the temporary directory and backing file go
 #   OUT [<repo>/bench-out]  results: results-<stamp>.csv, raw JSON, report
 #   DROP_CACHES [1]    drop the page cache before each server and read row
-#   BUILD [1]          cargo build --release first (0: use target/release as is)
+#   BUILD [1]          cargo build --release first (0: use the binaries as they are)
+#   REPD_DIR [<repo>/target/release]  where repd and repctl are (for A/B runs)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -47,8 +48,9 @@ OUT=${OUT:-$ROOT/bench-out}
 DROP_CACHES=${DROP_CACHES:-1}
 BUILD=${BUILD:-1}
 
-REPD=$ROOT/target/release/repd
-REPCTL=$ROOT/target/release/repctl
+REPD_DIR=${REPD_DIR:-$ROOT/target/release}
+REPD=$REPD_DIR/repd
+REPCTL=$REPD_DIR/repctl
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() {
@@ -132,7 +134,7 @@ if [[ $BUILD == 1 ]]; then
     log "building repd and repctl (release)"
     (cd "$ROOT" && cargo build --release --quiet --bin repd --bin repctl)
 fi
-[[ -x $REPD && -x $REPCTL ]] || die "no release build in $ROOT/target/release"
+[[ -x $REPD && -x $REPCTL ]] || die "no repd and repctl in $REPD_DIR"
 NBDLAT=$TMP/nbdlat
 # shellcheck disable=SC2046
 gcc -O2 -Wall -Wextra -o "$NBDLAT" "$ROOT/benches/nbdlat.c" $(pkg-config --cflags --libs libnbd)
@@ -251,12 +253,29 @@ fio_row() {
     echo "$json"
 }
 
+# CPU time (user + system, all threads, io_uring workers included) the server
+# process has used so far, in clock ticks.
+CLK_TCK=$(getconf CLK_TCK)
+server_ticks() {
+    local stat
+    read -r stat <"/proc/$SERVER_PID/stat"
+    stat=${stat##*) } # fields from 3 (state) on; comm may hold spaces
+    # shellcheck disable=SC2086
+    set -- $stat
+    echo $((${12} + ${13}))
+}
+# Microseconds of server CPU per op: ticks before, ticks after, ops.
+cpu_per_op() {
+    awk -v a="$1" -v b="$2" -v n="$3" -v hz="$CLK_TCK" \
+        'BEGIN { if (n > 0) printf "%.1f", (b - a) / hz * 1e6 / n; else print 0 }'
+}
+
 pct() { # json, path to a percentile object, percentile key; prints microseconds
     jq -r "$2[\"$3\"] / 1000" "$1"
 }
 
 measure() {
-    local run=$1 s=$2 j
+    local run=$1 s=$2 j t0
 
     log "[$s] 4 KiB random write + FLUSH, QD1 (fio fsync=1), ${RUNTIME}s"
     j=$(fio_row "$run" "$s" flush_qd1 --rw=randwrite --bs=4k --iodepth=1 --fsync=1 \
@@ -269,7 +288,9 @@ measure() {
 
     log "[$s] 4 KiB random write + FLUSH, QD1 (libnbd cross-check), ${XCHECK_RUNTIME}s"
     j=$RAW/$run-$s-flush_qd1_libnbd.json
+    t0=$(server_ticks)
     "$NBDLAT" "$URI" flush "$XCHECK_RUNTIME" "$DATA" 4096 "$RAMP" >"$j"
+    emit "$run" "$s" flush_qd1_libnbd cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r .all_ops "$j")")" us
     emit "$run" "$s" flush_qd1_libnbd lat_p50 "$(jq -r .lat.p50 "$j")" us
     emit "$run" "$s" flush_qd1_libnbd lat_p99 "$(jq -r .lat.p99 "$j")" us
     emit "$run" "$s" flush_qd1_libnbd write_p50 "$(jq -r .write.p50 "$j")" us
@@ -279,7 +300,9 @@ measure() {
 
     log "[$s] 4 KiB FUA write, QD1 (libnbd), ${RUNTIME}s"
     j=$RAW/$run-$s-fua_qd1.json
+    t0=$(server_ticks)
     "$NBDLAT" "$URI" fua "$RUNTIME" "$DATA" 4096 "$RAMP" >"$j"
+    emit "$run" "$s" fua_qd1 cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r .all_ops "$j")")" us
     emit "$run" "$s" fua_qd1 lat_p50 "$(jq -r .lat.p50 "$j")" us
     emit "$run" "$s" fua_qd1 lat_p99 "$(jq -r .lat.p99 "$j")" us
     emit "$run" "$s" fua_qd1 iops "$(jq -r .iops "$j")" writes/s
@@ -287,21 +310,27 @@ measure() {
     # fio counts the final FLUSH (end_fsync) in the job's runtime, so its IOPS
     # and bandwidth include making the data durable.
     log "[$s] 4 KiB random write, QD32, FLUSH at the end, ${RUNTIME}s"
+    t0=$(server_ticks)
     j=$(fio_row "$run" "$s" randwrite_qd32 --rw=randwrite --bs=4k --iodepth=32 \
         --end_fsync=1 --time_based --runtime="$RUNTIME")
+    emit "$run" "$s" randwrite_qd32 cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r '.jobs[0].write.total_ios' "$j")")" us
     emit "$run" "$s" randwrite_qd32 iops "$(jq -r '.jobs[0].write.iops' "$j")" writes/s
     emit "$run" "$s" randwrite_qd32 p99 "$(pct "$j" '.jobs[0].write.clat_ns.percentile' 99.000000)" us
 
     log "[$s] 1 MiB sequential write, QD$SEQ_QD, FLUSH every 64 MiB and at the end, ${RUNTIME}s"
+    t0=$(server_ticks)
     j=$(fio_row "$run" "$s" seqwrite_1m --rw=write --bs=1M --iodepth="$SEQ_QD" \
         --fsync=64 --end_fsync=1 --time_based --runtime="$RUNTIME")
+    emit "$run" "$s" seqwrite_1m cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r '.jobs[0].write.total_ios' "$j")")" us
     emit "$run" "$s" seqwrite_1m mbps "$(jq -r '.jobs[0].write.bw_bytes / 1000000' "$j")" MB/s
 
     # One pass over the extent, so no byte is read twice: after the drop, a
     # buffered server cannot serve this row from memory.
     log "[$s] 1 MiB sequential read, QD$SEQ_QD, one pass, page cache dropped first"
     drop_caches
+    t0=$(server_ticks)
     j=$(fio_row "$run" "$s" seqread_1m --rw=read --bs=1M --iodepth="$SEQ_QD" --runtime="$RUNTIME")
+    emit "$run" "$s" seqread_1m cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r '.jobs[0].read.total_ios' "$j")")" us
     emit "$run" "$s" seqread_1m mbps "$(jq -r '.jobs[0].read.bw_bytes / 1000000' "$j")" MB/s
 }
 
@@ -333,7 +362,7 @@ verify_fio_flush() {
     echo "file: $IMG size=$SIZE_BYTES extent=$DATA fs=$FS_TYPE device=$(df --output=source "$IMG" | tail -1)"
     echo "params: RUNTIME=$RUNTIME RAMP=$RAMP XCHECK_RUNTIME=$XCHECK_RUNTIME SEQ_QD=$SEQ_QD REPEAT=$REPEAT QEMU_AIO=$QEMU_AIO DROP_CACHES=$DROP_CACHES"
     echo "versions: $("$REPD" --version) | $(nbdkit --version) | $(qemu-nbd --version | head -1) | $(fio --version) | libnbd $(pkg-config --modversion libnbd)"
-    echo "git: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- . 2>/dev/null || echo '+dirty')"
+    echo "git: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- . 2>/dev/null || echo '+dirty') repd: $REPD"
     echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$OUT/env-$STAMP.txt" >&2
 

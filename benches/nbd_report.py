@@ -34,11 +34,17 @@ SHOWN = [
     ("randwrite_qd32", "iops", "4K randwrite QD32 + end FLUSH: IOPS"),
     ("seqwrite_1m", "mbps", "1M seq write, FLUSH/64M: MB/s"),
     ("seqread_1m", "mbps", "1M seq read (cold cache): MB/s"),
+    # Server CPU (user + system, all its threads) per request.
+    ("flush_qd1_libnbd", "cpu_per_op", "server CPU per write+FLUSH pair"),
+    ("fua_qd1", "cpu_per_op", "server CPU per FUA write"),
+    ("randwrite_qd32", "cpu_per_op", "server CPU per 4K write at QD32"),
+    ("seqwrite_1m", "cpu_per_op", "server CPU per 1M write"),
+    ("seqread_1m", "cpu_per_op", "server CPU per 1M read"),
 ]
 
 
 def lower_is_better(metric):
-    return "_p" in metric or metric.startswith("p")
+    return "_p" in metric or metric.startswith("p") or metric.startswith("cpu")
 
 
 def load(paths):

@@ -157,7 +157,7 @@ int main(int argc, char **argv)
   uint64_t start = now_ns();
   uint64_t record_from = start + (uint64_t)(ramp * 1e9);
   uint64_t stop = record_from + (uint64_t)(seconds * 1e9);
-  uint64_t t0 = start, recorded_start = 0;
+  uint64_t t0 = start, recorded_start = 0, all_ops = 0;
   while (t0 < stop) {
     uint64_t off = (xorshift(&rng) % blocks) * bs;
     buf[0] = (char)off; /* never write the same bytes twice in a row */
@@ -168,6 +168,7 @@ int main(int argc, char **argv)
       die("flush");
     if (flush)
       t2 = now_ns();
+    all_ops++;
     if (t0 >= record_from) {
       if (!recorded_start)
         recorded_start = t0;
@@ -180,9 +181,10 @@ int main(int argc, char **argv)
   }
   double elapsed = recorded_start ? (double)(t0 - recorded_start) / 1e9 : 0.0;
 
-  printf("{\"mode\":\"%s\",\"block\":%" PRIu64 ",\"ops\":%zu,\"seconds\":%.3f,"
-         "\"iops\":%.1f,\"unit\":\"us\",",
-         mode, bs, total.n, elapsed, elapsed > 0 ? total.n / elapsed : 0.0);
+  /* all_ops counts the ramp too: what the server did while the client ran. */
+  printf("{\"mode\":\"%s\",\"block\":%" PRIu64 ",\"ops\":%zu,\"all_ops\":%" PRIu64
+         ",\"seconds\":%.3f,\"iops\":%.1f,\"unit\":\"us\",",
+         mode, bs, total.n, all_ops, elapsed, elapsed > 0 ? total.n / elapsed : 0.0);
   print_dist("lat", &total, 1);
   print_dist("write", &wr, flush);
   if (flush)
