@@ -113,6 +113,7 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let node = config.node(args.node.as_deref())?.clone();
     let peer = config.peer_of(&node.name).map(|p| p.name.clone());
+    memory::tune_allocator();
     memory::protect(!args.no_mlock);
 
     let mode = match args.io {
