@@ -154,7 +154,7 @@ log "creating $IMG: $SIZE_BYTES bytes of random data (fully allocated, no holes)
 # converting unwritten extents, and reads return real data.
 head -c "$SIZE_BYTES" /dev/urandom | dd of="$IMG" bs=1M iflag=fullblock oflag=direct status=none
 sync "$IMG"
-FS_TYPE=$(stat -f -c %T "$IMG")
+FS_TYPE=$(findmnt -no FSTYPE -T "$IMG" 2>/dev/null || stat -f -c %T "$IMG")
 
 SOCK=$TMP/nbd.sock
 URI="nbd+unix:///?socket=$SOCK"

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Summarise nbd-compare.sh results: a ratio table, per-run spread, JSON.
 
-    nbd_report.py results-<stamp>.csv [more.csv ...]
+    nbd_report.py [--markdown] results-<stamp>.csv [more.csv ...]
 
-Several CSV files (e.g. two separate runs of the script) are merged; their
+--markdown prints the tables as Markdown, each value as "mean (run1 / run2
+...)". Several CSV files (e.g. two separate runs of the script) are merged; their
 runs are numbered in order. Values shown are the mean over runs. Writes
 <first csv without .csv>.summary.json next to the first file.
 """
@@ -82,7 +83,9 @@ def ratio_cell(r, metric):
 
 
 def main():
-    paths = sys.argv[1:]
+    args = sys.argv[1:]
+    markdown = "--markdown" in args
+    paths = [a for a in args if a != "--markdown"]
     if not paths:
         sys.exit(__doc__)
     values, units = load(paths)
@@ -104,7 +107,12 @@ def main():
         unit = units.get((row, metric), "")
         better = "lower" if lower_is_better(metric) else "higher"
         cells = [label, unit, better]
-        cells += [fmt(get(s, row, metric)) for s in servers]
+        for s in servers:
+            cell = fmt(get(s, row, metric))
+            per_run = [v for _, v in values.get((s, row, metric), [])]
+            if markdown and len(per_run) > 1:
+                cell += " (" + " / ".join(fmt(v) for v in per_run) + ")"
+            cells.append(cell)
         entry = {"row": row, "metric": metric, "unit": unit, "better": better,
                  "mean": {s: get(s, row, metric) for s in servers}, "ratios": {}}
         for a, b in pairs:
@@ -115,6 +123,11 @@ def main():
         entry["runs"] = {s: [v for _, v in values.get((s, row, metric), [])] for s in servers}
         summary["rows"].append(entry)
         lines.append(cells)
+
+    if markdown:
+        print_markdown(head, lines)
+        write_json(paths, summary)
+        return
 
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
 
@@ -155,6 +168,17 @@ def main():
         for cells in lines2:
             show(cells)
 
+    write_json(paths, summary)
+
+
+def print_markdown(head, lines):
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|")
+    for cells in lines:
+        print("| " + " | ".join(str(c).strip() for c in cells) + " |")
+
+
+def write_json(paths, summary):
     out = paths[0][:-4] if paths[0].endswith(".csv") else paths[0]
     with open(out + ".summary.json", "w") as f:
         json.dump(summary, f, indent=1)

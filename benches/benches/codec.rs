@@ -7,9 +7,18 @@
 //! - `handshake/go`: a whole fixed-newstyle negotiation (greeting, client
 //!   flags, `NBD_OPT_GO` with an `INFO_BLOCK_SIZE` request, the server's
 //!   replies) through `ServerHandshake`, with a trivial export catalog;
-//! - `payload/*`: allocating a zeroed `AlignedBuf` for a write payload and
-//!   freezing it into `Bytes` (and dropping it), at 4 KiB and 1 MiB, next
-//!   to an uninitialised allocation of the same size for scale.
+//! - `payload_mmap/*` and `payload_heap/*`: allocating a zeroed
+//!   `AlignedBuf` for a write payload, freezing it into `Bytes` and dropping
+//!   it, at 4 KiB and 1 MiB, next to an unzeroed allocation of the same
+//!   size for scale. glibc's default choice between the heap and a fresh
+//!   `mmap` for a 1 MiB aligned block depends on its dynamic thresholds and
+//!   on the heap's layout, which made this bench swing between ~20 us and
+//!   ~600 us per 1 MiB buffer from one build to the next. So each group pins
+//!   the choice with `mallopt`: `payload_mmap` fixes the mmap threshold at
+//!   glibc's initial 128 KiB (every 1 MiB buffer is a fresh mapping, what
+//!   strace showed in `repd` before it tuned its allocator: one `mmap` and
+//!   one `munmap` per 1 MiB request); `payload_heap` uses the 32 MiB
+//!   threshold `repd` now sets (`daemon::memory::tune_allocator`).
 //!
 //! Run: `cargo bench -p tandem-benches --bench codec`.
 
@@ -157,8 +166,39 @@ fn handshake(c: &mut Criterion) {
     });
 }
 
-fn payload(c: &mut Criterion) {
-    let mut g = c.benchmark_group("payload");
+/// Fix glibc's mmap and trim thresholds (disables its dynamic adjustment).
+#[cfg(target_env = "gnu")]
+fn set_malloc_thresholds(mmap: libc::c_int) {
+    // SAFETY: mallopt takes integer arguments only.
+    let ok = unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * mmap) == 1
+    };
+    assert!(ok, "glibc refused mmap threshold {mmap}");
+}
+
+fn payload_mmap(c: &mut Criterion) {
+    #[cfg(target_env = "gnu")]
+    {
+        set_malloc_thresholds(128 << 10);
+        payload_group(c, "payload_mmap");
+    }
+    #[cfg(not(target_env = "gnu"))]
+    payload_group(c, "payload");
+}
+
+fn payload_heap(c: &mut Criterion) {
+    #[cfg(target_env = "gnu")]
+    {
+        set_malloc_thresholds(32 << 20);
+        payload_group(c, "payload_heap");
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = c; // not glibc: the default group above is all there is
+}
+
+fn payload_group(c: &mut Criterion, name: &str) {
+    let mut g = c.benchmark_group(name);
     for (name, len) in [("4KiB", 4096usize), ("1MiB", 1 << 20)] {
         g.throughput(Throughput::Bytes(len as u64));
         g.bench_function(BenchmarkId::new("aligned_zeroed_into_bytes", name), |b| {
@@ -182,5 +222,12 @@ fn payload(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, request, reply, handshake, payload);
+criterion_group!(
+    benches,
+    request,
+    reply,
+    handshake,
+    payload_mmap,
+    payload_heap
+);
 criterion_main!(benches);
