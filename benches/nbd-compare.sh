@@ -30,6 +30,9 @@
 #   WORKDIR [/work]    where the temporary directory and backing file go
 #   OUT [<repo>/bench-out]  results: results-<stamp>.csv, raw JSON, report
 #   DROP_CACHES [1]    drop the page cache before each server and read row
+#   HOGS [0]           run this many CPU-bound busy loops during the whole run
+#                      (nice HOG_NICE [0]), to see how each server copes with
+#                      a machine that is busy compiling
 #   BUILD [1]          cargo build --release first (0: use the binaries as they are)
 #   REPD_DIR [<repo>/target/release]  where repd and repctl are (for A/B runs)
 set -euo pipefail
@@ -47,6 +50,8 @@ WORKDIR=${WORKDIR:-/work}
 OUT=${OUT:-$ROOT/bench-out}
 DROP_CACHES=${DROP_CACHES:-1}
 BUILD=${BUILD:-1}
+HOGS=${HOGS:-0}
+HOG_NICE=${HOG_NICE:-0}
 
 REPD_DIR=${REPD_DIR:-$ROOT/target/release}
 REPD=$REPD_DIR/repd
@@ -360,11 +365,17 @@ verify_fio_flush() {
     echo "date: $(date -Is)"
     echo "host: nproc=$(nproc) kernel=$(uname -r) cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')\""
     echo "file: $IMG size=$SIZE_BYTES extent=$DATA fs=$FS_TYPE device=$(df --output=source "$IMG" | tail -1)"
-    echo "params: RUNTIME=$RUNTIME RAMP=$RAMP XCHECK_RUNTIME=$XCHECK_RUNTIME SEQ_QD=$SEQ_QD REPEAT=$REPEAT QEMU_AIO=$QEMU_AIO DROP_CACHES=$DROP_CACHES"
+    echo "params: RUNTIME=$RUNTIME RAMP=$RAMP XCHECK_RUNTIME=$XCHECK_RUNTIME SEQ_QD=$SEQ_QD REPEAT=$REPEAT QEMU_AIO=$QEMU_AIO DROP_CACHES=$DROP_CACHES HOGS=$HOGS HOG_NICE=$HOG_NICE"
     echo "versions: $("$REPD" --version) | $(nbdkit --version) | $(qemu-nbd --version | head -1) | $(fio --version) | libnbd $(pkg-config --modversion libnbd)"
     echo "git: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- . 2>/dev/null || echo '+dirty') repd: $REPD"
     echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$OUT/env-$STAMP.txt" >&2
+
+for ((i = 0; i < HOGS; i++)); do
+    nice -n "$HOG_NICE" bash -c 'while :; do :; done' &
+    PIDS+=("$!")
+done
+((HOGS == 0)) || log "started $HOGS busy loop(s) at nice $HOG_NICE"
 
 verified=0
 for ((run = 1; run <= REPEAT; run++)); do
