@@ -30,6 +30,42 @@ pub fn protect(lock_memory: bool) -> (bool, bool) {
     (flusher, locked)
 }
 
+/// Keep request payloads out of per-request `mmap`/`munmap`.
+///
+/// glibc serves an allocation at or above its mmap threshold (128 KiB at
+/// start) with a fresh `mmap` and frees it with `munmap`. Payload buffers
+/// are aligned allocations of up to 32 MiB, so every 1 MiB NBD read or
+/// write paid an `mmap`, 256 page faults that each clear a page (plus the
+/// memcg charge), and a `munmap`: measured at about half of repd's CPU time
+/// per 1 MiB write (docs/benchmarks.md). Raising the threshold to the
+/// largest payload, and the trim threshold above it, lets freed payload
+/// buffers be reused from the heap. What the heap keeps is bounded by the
+/// per-connection payload budget. Returns whether glibc took both settings.
+pub fn tune_allocator() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // 32 MiB is the largest mmap threshold glibc accepts on 64-bit
+        // (half its per-arena heap size), and the largest NBD payload.
+        const MMAP_THRESHOLD: libc::c_int = 32 * 1024 * 1024;
+        const TRIM_THRESHOLD: libc::c_int = 2 * MMAP_THRESHOLD;
+        // SAFETY: mallopt takes integer arguments only.
+        let ok = unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        };
+        if !ok {
+            warn!(
+                "cannot raise the malloc mmap threshold: large requests will mmap and munmap their buffers"
+            );
+        }
+        ok
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        false
+    }
+}
+
 fn lock_all() -> bool {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -123,6 +123,7 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let node = config.node(args.node.as_deref())?.clone();
     let peer = config.peer_of(&node.name).map(|p| p.name.clone());
+    memory::tune_allocator();
 
     let mode = match args.io {
         IoArg::Direct => IoMode::Direct,
