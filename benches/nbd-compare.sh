@@ -35,6 +35,7 @@
 #                      a machine that is busy compiling
 #   BUILD [1]          cargo build --release first (0: use the binaries as they are)
 #   REPD_DIR [<repo>/target/release]  where repd and repctl are (for A/B runs)
+#   ROWS [all]         which rows to run, e.g. "fua_qd1 randwrite_qd32" (quick A/B)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -52,6 +53,7 @@ DROP_CACHES=${DROP_CACHES:-1}
 BUILD=${BUILD:-1}
 HOGS=${HOGS:-0}
 HOG_NICE=${HOG_NICE:-0}
+ROWS=${ROWS:-"flush_qd1 flush_qd1_libnbd fua_qd1 randwrite_qd32 seqwrite_1m seqread_1m"}
 
 REPD_DIR=${REPD_DIR:-$ROOT/target/release}
 REPD=$REPD_DIR/repd
@@ -279,64 +281,79 @@ pct() { # json, path to a percentile object, percentile key; prints microseconds
     jq -r "$2[\"$3\"] / 1000" "$1"
 }
 
+# Whether row $1 is selected by ROWS.
+want() { [[ " $ROWS " == *" $1 "* ]]; }
+
 measure() {
     local run=$1 s=$2 j t0
 
-    log "[$s] 4 KiB random write + FLUSH, QD1 (fio fsync=1), ${RUNTIME}s"
-    j=$(fio_row "$run" "$s" flush_qd1 --rw=randwrite --bs=4k --iodepth=1 --fsync=1 \
-        --time_based --runtime="$RUNTIME" --ramp_time="$RAMP")
-    emit "$run" "$s" flush_qd1 write_p50 "$(pct "$j" '.jobs[0].write.clat_ns.percentile' 50.000000)" us
-    emit "$run" "$s" flush_qd1 write_p99 "$(pct "$j" '.jobs[0].write.clat_ns.percentile' 99.000000)" us
-    emit "$run" "$s" flush_qd1 flush_p50 "$(pct "$j" '.jobs[0].sync.lat_ns.percentile' 50.000000)" us
-    emit "$run" "$s" flush_qd1 flush_p99 "$(pct "$j" '.jobs[0].sync.lat_ns.percentile' 99.000000)" us
-    emit "$run" "$s" flush_qd1 iops "$(jq -r '.jobs[0].write.iops' "$j")" write+flush/s
+    if want flush_qd1; then
+        log "[$s] 4 KiB random write + FLUSH, QD1 (fio fsync=1), ${RUNTIME}s"
+        j=$(fio_row "$run" "$s" flush_qd1 --rw=randwrite --bs=4k --iodepth=1 --fsync=1 \
+            --time_based --runtime="$RUNTIME" --ramp_time="$RAMP")
+        emit "$run" "$s" flush_qd1 write_p50 "$(pct "$j" '.jobs[0].write.clat_ns.percentile' 50.000000)" us
+        emit "$run" "$s" flush_qd1 write_p99 "$(pct "$j" '.jobs[0].write.clat_ns.percentile' 99.000000)" us
+        emit "$run" "$s" flush_qd1 flush_p50 "$(pct "$j" '.jobs[0].sync.lat_ns.percentile' 50.000000)" us
+        emit "$run" "$s" flush_qd1 flush_p99 "$(pct "$j" '.jobs[0].sync.lat_ns.percentile' 99.000000)" us
+        emit "$run" "$s" flush_qd1 iops "$(jq -r '.jobs[0].write.iops' "$j")" write+flush/s
+    fi
 
-    log "[$s] 4 KiB random write + FLUSH, QD1 (libnbd cross-check), ${XCHECK_RUNTIME}s"
-    j=$RAW/$run-$s-flush_qd1_libnbd.json
-    t0=$(server_ticks)
-    "$NBDLAT" "$URI" flush "$XCHECK_RUNTIME" "$DATA" 4096 "$RAMP" >"$j"
-    emit "$run" "$s" flush_qd1_libnbd cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r .all_ops "$j")")" us
-    emit "$run" "$s" flush_qd1_libnbd lat_p50 "$(jq -r .lat.p50 "$j")" us
-    emit "$run" "$s" flush_qd1_libnbd lat_p99 "$(jq -r .lat.p99 "$j")" us
-    emit "$run" "$s" flush_qd1_libnbd write_p50 "$(jq -r .write.p50 "$j")" us
-    emit "$run" "$s" flush_qd1_libnbd flush_p50 "$(jq -r .flush.p50 "$j")" us
-    emit "$run" "$s" flush_qd1_libnbd flush_p99 "$(jq -r .flush.p99 "$j")" us
-    emit "$run" "$s" flush_qd1_libnbd iops "$(jq -r .iops "$j")" write+flush/s
+    if want flush_qd1_libnbd; then
+        log "[$s] 4 KiB random write + FLUSH, QD1 (libnbd cross-check), ${XCHECK_RUNTIME}s"
+        j=$RAW/$run-$s-flush_qd1_libnbd.json
+        t0=$(server_ticks)
+        "$NBDLAT" "$URI" flush "$XCHECK_RUNTIME" "$DATA" 4096 "$RAMP" >"$j"
+        emit "$run" "$s" flush_qd1_libnbd cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r .all_ops "$j")")" us
+        emit "$run" "$s" flush_qd1_libnbd lat_p50 "$(jq -r .lat.p50 "$j")" us
+        emit "$run" "$s" flush_qd1_libnbd lat_p99 "$(jq -r .lat.p99 "$j")" us
+        emit "$run" "$s" flush_qd1_libnbd write_p50 "$(jq -r .write.p50 "$j")" us
+        emit "$run" "$s" flush_qd1_libnbd flush_p50 "$(jq -r .flush.p50 "$j")" us
+        emit "$run" "$s" flush_qd1_libnbd flush_p99 "$(jq -r .flush.p99 "$j")" us
+        emit "$run" "$s" flush_qd1_libnbd iops "$(jq -r .iops "$j")" write+flush/s
+    fi
 
-    log "[$s] 4 KiB FUA write, QD1 (libnbd), ${RUNTIME}s"
-    j=$RAW/$run-$s-fua_qd1.json
-    t0=$(server_ticks)
-    "$NBDLAT" "$URI" fua "$RUNTIME" "$DATA" 4096 "$RAMP" >"$j"
-    emit "$run" "$s" fua_qd1 cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r .all_ops "$j")")" us
-    emit "$run" "$s" fua_qd1 lat_p50 "$(jq -r .lat.p50 "$j")" us
-    emit "$run" "$s" fua_qd1 lat_p99 "$(jq -r .lat.p99 "$j")" us
-    emit "$run" "$s" fua_qd1 iops "$(jq -r .iops "$j")" writes/s
+    if want fua_qd1; then
+        log "[$s] 4 KiB FUA write, QD1 (libnbd), ${RUNTIME}s"
+        j=$RAW/$run-$s-fua_qd1.json
+        t0=$(server_ticks)
+        "$NBDLAT" "$URI" fua "$RUNTIME" "$DATA" 4096 "$RAMP" >"$j"
+        emit "$run" "$s" fua_qd1 cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r .all_ops "$j")")" us
+        emit "$run" "$s" fua_qd1 lat_p50 "$(jq -r .lat.p50 "$j")" us
+        emit "$run" "$s" fua_qd1 lat_p99 "$(jq -r .lat.p99 "$j")" us
+        emit "$run" "$s" fua_qd1 iops "$(jq -r .iops "$j")" writes/s
+    fi
 
-    # fio counts the final FLUSH (end_fsync) in the job's runtime, so its IOPS
-    # and bandwidth include making the data durable.
-    log "[$s] 4 KiB random write, QD32, FLUSH at the end, ${RUNTIME}s"
-    t0=$(server_ticks)
-    j=$(fio_row "$run" "$s" randwrite_qd32 --rw=randwrite --bs=4k --iodepth=32 \
-        --end_fsync=1 --time_based --runtime="$RUNTIME")
-    emit "$run" "$s" randwrite_qd32 cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r '.jobs[0].write.total_ios' "$j")")" us
-    emit "$run" "$s" randwrite_qd32 iops "$(jq -r '.jobs[0].write.iops' "$j")" writes/s
-    emit "$run" "$s" randwrite_qd32 p99 "$(pct "$j" '.jobs[0].write.clat_ns.percentile' 99.000000)" us
+    if want randwrite_qd32; then
+        # fio counts the final FLUSH (end_fsync) in the job's runtime, so its IOPS
+        # and bandwidth include making the data durable.
+        log "[$s] 4 KiB random write, QD32, FLUSH at the end, ${RUNTIME}s"
+        t0=$(server_ticks)
+        j=$(fio_row "$run" "$s" randwrite_qd32 --rw=randwrite --bs=4k --iodepth=32 \
+            --end_fsync=1 --time_based --runtime="$RUNTIME")
+        emit "$run" "$s" randwrite_qd32 cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r '.jobs[0].write.total_ios' "$j")")" us
+        emit "$run" "$s" randwrite_qd32 iops "$(jq -r '.jobs[0].write.iops' "$j")" writes/s
+        emit "$run" "$s" randwrite_qd32 p99 "$(pct "$j" '.jobs[0].write.clat_ns.percentile' 99.000000)" us
+    fi
 
-    log "[$s] 1 MiB sequential write, QD$SEQ_QD, FLUSH every 64 MiB and at the end, ${RUNTIME}s"
-    t0=$(server_ticks)
-    j=$(fio_row "$run" "$s" seqwrite_1m --rw=write --bs=1M --iodepth="$SEQ_QD" \
-        --fsync=64 --end_fsync=1 --time_based --runtime="$RUNTIME")
-    emit "$run" "$s" seqwrite_1m cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r '.jobs[0].write.total_ios' "$j")")" us
-    emit "$run" "$s" seqwrite_1m mbps "$(jq -r '.jobs[0].write.bw_bytes / 1000000' "$j")" MB/s
+    if want seqwrite_1m; then
+        log "[$s] 1 MiB sequential write, QD$SEQ_QD, FLUSH every 64 MiB and at the end, ${RUNTIME}s"
+        t0=$(server_ticks)
+        j=$(fio_row "$run" "$s" seqwrite_1m --rw=write --bs=1M --iodepth="$SEQ_QD" \
+            --fsync=64 --end_fsync=1 --time_based --runtime="$RUNTIME")
+        emit "$run" "$s" seqwrite_1m cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r '.jobs[0].write.total_ios' "$j")")" us
+        emit "$run" "$s" seqwrite_1m mbps "$(jq -r '.jobs[0].write.bw_bytes / 1000000' "$j")" MB/s
+    fi
 
-    # One pass over the extent, so no byte is read twice: after the drop, a
-    # buffered server cannot serve this row from memory.
-    log "[$s] 1 MiB sequential read, QD$SEQ_QD, one pass, page cache dropped first"
-    drop_caches
-    t0=$(server_ticks)
-    j=$(fio_row "$run" "$s" seqread_1m --rw=read --bs=1M --iodepth="$SEQ_QD" --runtime="$RUNTIME")
-    emit "$run" "$s" seqread_1m cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r '.jobs[0].read.total_ios' "$j")")" us
-    emit "$run" "$s" seqread_1m mbps "$(jq -r '.jobs[0].read.bw_bytes / 1000000' "$j")" MB/s
+    if want seqread_1m; then
+        # One pass over the extent, so no byte is read twice: after the drop, a
+        # buffered server cannot serve this row from memory.
+        log "[$s] 1 MiB sequential read, QD$SEQ_QD, one pass, page cache dropped first"
+        drop_caches
+        t0=$(server_ticks)
+        j=$(fio_row "$run" "$s" seqread_1m --rw=read --bs=1M --iodepth="$SEQ_QD" --runtime="$RUNTIME")
+        emit "$run" "$s" seqread_1m cpu_per_op "$(cpu_per_op "$t0" "$(server_ticks)" "$(jq -r '.jobs[0].read.total_ios' "$j")")" us
+        emit "$run" "$s" seqread_1m mbps "$(jq -r '.jobs[0].read.bw_bytes / 1000000' "$j")" MB/s
+    fi
 }
 
 # fio's fsync=1 must reach the server as NBD_CMD_FLUSH: compare what fio says
