@@ -1,26 +1,27 @@
-//! One NBD client connection: handshake, request loop, reply writer.
+//! One NBD client connection: handshake, then the request loop.
 //!
-//! The reader reads a header, validates it with `tandem_proto`, charges the
-//! request's payload against the connection's byte budget *before*
-//! buffering it, reads the payload into an aligned buffer, and spawns the
-//! request. Each request task sends its reply to the writer task, which
-//! batches replies into as few socket writes as possible. Replies go out in
-//! completion order; the cookie matches them to requests. A request's
-//! budget is given back only when its reply has been written, so read data
-//! waiting for a slow client counts too.
+//! The connection task reads a header, validates it with `tandem_proto`,
+//! charges the request's payload against the connection's byte budget
+//! *before* buffering it, reads the payload into an aligned buffer, and
+//! starts the request: no task per request, and the thread that completes a
+//! request writes its reply (see `reply`). Replies go out in completion
+//! order; the cookie matches them to requests. A request's budget is given
+//! back only when its reply has been written, so read data waiting for a
+//! slow client counts too.
 //!
 //! Ending a session (DISC, EOF, violation, server shutdown) stops the
-//! reader only. The writer ends when the last request task has sent its
-//! reply, then the write side is shut down and the export attachment is
-//! dropped: no request that was read goes unanswered while the socket lives.
-//! Shutdown also abandons a request the client has only half sent: it was
-//! never read, so it is never executed or answered.
+//! reader only. The connection's flusher ends when every request read has
+//! been answered and its reply written; then the write side is shut down
+//! and the export attachment is dropped: no request that was read goes
+//! unanswered while the socket lives. Shutdown also abandons a request the
+//! client has only half sent: it was never read, so it is never executed or
+//! answered.
 
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
@@ -36,19 +37,12 @@ use tandem_proto::nbd::transmission::{
 };
 
 use crate::export::{Export, ExportInfo, ZeroFlags};
+use crate::reply::{Outbox, Outcome, Reply, ReplySink, Request};
 use crate::server::ServerLimits;
 
 /// Budget charged per request on top of its payload, bounding the number of
 /// requests a connection can have in flight.
 const PER_REQUEST_CHARGE: u32 = 4096;
-
-struct Reply {
-    header: [u8; 16],
-    data: Option<Bytes>,
-    /// The request's share of the byte budget, given back only once the
-    /// writer has written the reply: read data waiting to be sent counts.
-    budget: OwnedSemaphorePermit,
-}
 
 /// How the server tells connections to stop.
 #[derive(Clone, Default)]
@@ -69,7 +63,7 @@ pub(crate) async fn serve<R, W, E>(
     peer: String,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: AsyncWrite + ReplySink + Unpin,
     E: Export,
 {
     let mut reader = reader;
@@ -97,13 +91,8 @@ pub(crate) async fn serve<R, W, E>(
         flags,
     };
 
-    let (tx, rx) = mpsc::unbounded_channel();
-    let writer_task = tokio::spawn(write_replies(
-        writer,
-        rx,
-        stop.abandon.clone(),
-        peer.clone(),
-    ));
+    let outbox = Outbox::new(Arc::new(writer), peer.clone());
+    let flusher = tokio::spawn(outbox.clone().flush_until_done(stop.abandon.clone()));
     // Bytes the client sent after its last option belong to transmission.
     let chained = std::io::Cursor::new(input.freeze()).chain(reader);
     let mut reader = BufReader::with_capacity(256 * 1024, chained);
@@ -119,9 +108,7 @@ pub(crate) async fn serve<R, W, E>(
         };
         match next {
             Next::End(why) => break why,
-            Next::Answer(reply) => {
-                let _ = tx.send(reply);
-            }
+            Next::Answer(reply) => outbox.send(reply, false),
             Next::Run {
                 cookie,
                 command,
@@ -129,21 +116,14 @@ pub(crate) async fn serve<R, W, E>(
                 budget,
             } => {
                 let export = export.clone();
-                let answer = Answer {
-                    cookie,
-                    tx: tx.clone(),
-                    budget: Some(budget),
-                };
-                tokio::spawn(async move {
-                    let (result, data) = execute(&*export, command, payload).await;
-                    answer.send(result, data);
-                });
+                let future = async move { execute(&*export, command, payload).await };
+                Request::start(cookie, future, budget, &outbox);
             }
         }
     };
     debug!("NBD client {peer}: {end}; finishing requests in flight");
-    drop(tx);
-    let _ = writer_task.await;
+    outbox.finish_reading();
+    let _ = flusher.await;
     drop(attachment);
     debug!("NBD client {peer}: closed");
 }
@@ -230,7 +210,7 @@ async fn read_request<R: AsyncRead + Unpin>(
             return Next::Answer(Reply {
                 header: SimpleReply::err(header.cookie, error).encode(),
                 data: None,
-                budget: permit,
+                _budget: permit,
             });
         }
     };
@@ -259,56 +239,8 @@ async fn read_request<R: AsyncRead + Unpin>(
     }
 }
 
-/// The reply to a request being executed. It is sent exactly once: by
-/// [`Answer::send`], or, if the request's task ends without answering (the
-/// export's future panicked, or was dropped), as `EIO` when it is dropped.
-/// Either way the client is never left waiting for the cookie.
-struct Answer {
-    cookie: u64,
-    tx: mpsc::UnboundedSender<Reply>,
-    /// `None` once sent.
-    budget: Option<OwnedSemaphorePermit>,
-}
-
-impl Answer {
-    fn send(mut self, result: Result<(), ErrorCode>, data: Option<Bytes>) {
-        self.reply(result, data);
-    }
-
-    fn reply(&mut self, result: Result<(), ErrorCode>, data: Option<Bytes>) {
-        let Some(budget) = self.budget.take() else {
-            return;
-        };
-        let header = match result {
-            Ok(()) => SimpleReply::ok(self.cookie),
-            Err(e) => SimpleReply::err(self.cookie, e),
-        };
-        let _ = self.tx.send(Reply {
-            header: header.encode(),
-            data,
-            budget,
-        });
-    }
-}
-
-impl Drop for Answer {
-    fn drop(&mut self) {
-        if self.budget.is_some() {
-            error!(
-                "NBD request {:#x} ended without an answer (the export's operation panicked?); answering EIO",
-                self.cookie
-            );
-            self.reply(Err(ErrorCode::Io), None);
-        }
-    }
-}
-
 /// Run one command against the export: the result, and a read's data.
-async fn execute<E: Export>(
-    export: &E,
-    command: Command,
-    payload: Option<Bytes>,
-) -> (Result<(), ErrorCode>, Option<Bytes>) {
+async fn execute<E: Export>(export: &E, command: Command, payload: Option<Bytes>) -> Outcome {
     let result = match command {
         Command::Read { offset, length } => match export.read(offset, length).await {
             Ok(data) if data.len() == length as usize => return (Ok(()), Some(data)),
@@ -348,63 +280,6 @@ async fn execute<E: Export>(
         Command::Disconnect => unreachable!("handled by the reader"),
     };
     (result, None)
-}
-
-/// Write replies as they come, batching whatever is queued into one flush.
-/// Each reply's budget permit is released once it is written (or dropped
-/// because the connection broke).
-async fn write_replies<W: AsyncWrite + Unpin>(
-    writer: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    abandon: CancellationToken,
-    peer: String,
-) {
-    let mut w = BufWriter::with_capacity(64 * 1024, writer);
-    let mut broken = false;
-    while let Some(first) = rx.recv().await {
-        if broken {
-            continue; // keep draining so request tasks never block
-        }
-        let mut next = Some(first);
-        while let Some(reply) = next {
-            // A client that stopped reading cannot hold up shutdown beyond
-            // the grace period: its remaining replies are dropped.
-            let written = tokio::select! {
-                r = write_reply(&mut w, &reply) => r,
-                _ = abandon.cancelled() => Err(std::io::Error::other("server stopped waiting for the client to read")),
-            };
-            // The reply has left the queue (for the socket or the bounded
-            // write buffer): give its share of the budget back.
-            drop(reply.budget);
-            if let Err(e) = written {
-                debug!("NBD client {peer}: cannot send reply: {e}");
-                broken = true;
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        if !broken {
-            let flushed = tokio::select! {
-                r = w.flush() => r.is_ok(),
-                _ = abandon.cancelled() => false,
-            };
-            broken = !flushed;
-        }
-    }
-    if !broken {
-        let _ = w.shutdown().await;
-    }
-}
-
-async fn write_reply<W: AsyncWrite + Unpin>(
-    w: &mut BufWriter<W>,
-    reply: &Reply,
-) -> std::io::Result<()> {
-    w.write_all(&reply.header).await?;
-    if let Some(data) = &reply.data {
-        w.write_all(data).await?;
-    }
-    Ok(())
 }
 
 /// Run the handshake; `None` if the session ended during it.

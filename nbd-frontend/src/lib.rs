@@ -22,6 +22,7 @@
 
 mod connection;
 mod export;
+mod reply;
 mod server;
 
 pub use export::{Export, ExportInfo, ZeroFlags};
