@@ -3,7 +3,9 @@
 //! With the threads engine every storage syscall is visible to strace: a
 //! plain write is a `pwritev2` without `RWF_DSYNC` and nothing syncs; a
 //! FLUSH is an `fdatasync` issued after the writes it covers were
-//! answered; a FUA write is a `pwritev2` with `RWF_DSYNC`. The io_uring
+//! answered; a FUA write is a `pwritev2` with `RWF_DSYNC`, or, where repd
+//! reports `engine.fua = write_fdatasync` (`O_DIRECT` on a device without
+//! native FUA), a plain `pwritev2` followed by one `fdatasync`. The io_uring
 //! engine's syscalls are not visible, so there the engine's counters
 //! (compared around each operation) carry the same checks.
 
@@ -46,6 +48,20 @@ fn mark_position(calls: &[Syscall], offset: u64) -> usize {
         .unwrap_or_else(|| panic!("marker read at {offset} not in the trace: {calls:#?}"))
 }
 
+/// Whether repd makes FUA writes durable with `RWF_DSYNC` (else: a plain
+/// write, then `fdatasync`). Buffered I/O always uses `RWF_DSYNC`.
+fn fua_is_dsync(c: &Cluster, io: &str) -> bool {
+    let mode = c.status("alpha")["engine"]["fua"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        mode == "rwf_dsync" || (mode == "write_fdatasync" && io == "direct"),
+        "engine.fua = {mode} with --io {io}"
+    );
+    mode == "rwf_dsync"
+}
+
 fn strace_flush_and_fua(io: &str) {
     require("strace");
     let mut c = Spec::single(16 * MIB)
@@ -53,6 +69,7 @@ fn strace_flush_and_fua(io: &str) {
         .build();
     c.up_primary("alpha");
     assert_eq!(c.status("alpha")["engine"]["kind"], "threads");
+    let dsync = fua_is_dsync(&c, io);
     let size = c.size("alpha");
     let mut client = c.client("alpha");
     let trace_file = c.path("strace.log");
@@ -124,25 +141,46 @@ fn strace_flush_and_fua(io: &str) {
     assert_eq!(flush[0].name, "fdatasync");
     assert!(data_writes(m[0]..m[1]).is_empty(), "{log}");
 
-    // Phase 3: the FUA write is RWF_DSYNC, with no fdatasync.
+    // Phase 3: the FUA write is RWF_DSYNC with no fdatasync, or a plain
+    // write followed (not preceded) by exactly one fdatasync.
     let writes = data_writes(m[1]..m[2]);
     assert_eq!(writes.len(), 1, "{writes:?}\n{log}");
     assert_eq!(writes[0].0, fua_at);
-    assert!(
-        writes[0].1.contains("RWF_DSYNC"),
-        "FUA write without RWF_DSYNC: {}\n{log}",
-        writes[0].1
-    );
-    assert_eq!(syncs(m[1]..m[2]), 0, "{log}");
+    if dsync {
+        assert!(
+            writes[0].1.contains("RWF_DSYNC"),
+            "FUA write without RWF_DSYNC: {}\n{log}",
+            writes[0].1
+        );
+        assert_eq!(syncs(m[1]..m[2]), 0, "{log}");
+    } else {
+        assert!(!writes[0].1.contains("DSYNC"), "{log}");
+        let phase = &calls[m[1]..m[2]];
+        let write_done = phase
+            .iter()
+            .position(|c| is_write(c) && c.finished)
+            .expect("the FUA write finished");
+        let sync: Vec<usize> = (0..phase.len())
+            .filter(|&i| phase[i].name == "fdatasync" && !phase[i].args.is_empty())
+            .collect();
+        assert_eq!(sync.len(), 1, "one fdatasync for the FUA write\n{log}");
+        assert!(
+            sync[0] > write_done,
+            "the FUA fdatasync starts after the write completed\n{log}"
+        );
+    }
 
-    // Phase 4: qemu's FUA write is RWF_DSYNC too.
+    // Phase 4: qemu's FUA write is made durable the same way.
     let writes = data_writes(m[2]..calls.len());
     assert!(
         writes
             .iter()
-            .any(|(o, f)| *o == qemu_at && f.contains("RWF_DSYNC")),
+            .any(|(o, f)| *o == qemu_at && f.contains("RWF_DSYNC") == dsync),
         "qemu-io write -f: {writes:?}\n{log}"
     );
+    if !dsync {
+        assert!(syncs(m[2]..calls.len()) >= 1, "{log}");
+    }
 
     // And the data is there.
     for i in 0..N {
@@ -192,19 +230,38 @@ fn counted_flush_and_fua(args: &[&str]) {
     client.flush().unwrap();
     assert_eq!(delta(&c, s), (1, 0), "a FLUSH is one fdatasync");
 
+    let io = if args.contains(&"buffered") {
+        "buffered"
+    } else {
+        "direct"
+    };
+    let dsync = fua_is_dsync(&c, io);
     let s = c.syncs("alpha");
     client.write(3 * MIB, &pattern(7, 2 * BLOCK), true).unwrap();
-    assert_eq!(
-        delta(&c, s),
-        (0, 1),
-        "an aligned FUA write is one RWF_DSYNC write"
-    );
+    if dsync {
+        assert_eq!(
+            delta(&c, s),
+            (0, 1),
+            "an aligned FUA write is one RWF_DSYNC write"
+        );
+    } else {
+        assert_eq!(
+            delta(&c, s),
+            (1, 0),
+            "an aligned FUA write is a write and one fdatasync"
+        );
+    }
 
     let s = c.syncs("alpha");
     client.write(4 * MIB + 5, &pattern(8, 100), true).unwrap();
     let (f, d) = delta(&c, s);
-    assert_eq!(f, 0);
-    assert!(d >= 1, "an unaligned FUA write is written with RWF_DSYNC");
+    if dsync {
+        assert_eq!(f, 0);
+        assert!(d >= 1, "an unaligned FUA write is written with RWF_DSYNC");
+    } else {
+        assert_eq!(d, 0);
+        assert!(f >= 1, "an unaligned FUA write is followed by fdatasync");
+    }
 
     let s = c.syncs("alpha");
     client

@@ -77,7 +77,14 @@ pub struct EngineStatus {
     pub kind: String,
     /// Whether the backing store is opened with `O_DIRECT`.
     pub direct_io: bool,
+    /// How FUA writes are made durable: `rwf_dsync` (each write carries
+    /// `RWF_DSYNC`) or `write_fdatasync` (plain writes, then one
+    /// `fdatasync`, counted in `fdatasyncs`).
+    pub fua: String,
+    /// `fdatasync` calls: FLUSHes, FUA writes in `write_fdatasync` mode, FUA
+    /// zeroes.
     pub fdatasyncs: u64,
+    /// FUA writes made durable with `RWF_DSYNC`.
     pub dsync_writes: u64,
 }
 

@@ -46,7 +46,7 @@ macro_rules! conformance {
 
 conformance!(
     round_trips,
-    fua_write_is_dsync_and_plain_write_never_syncs,
+    fua_write_is_durable_and_plain_write_never_syncs,
     flush_is_one_fdatasync,
     discard_punches_a_hole,
     zeroes_with_and_without_unmap,

@@ -1035,6 +1035,7 @@ mod tests {
         EngineStatus {
             kind: "test".into(),
             direct_io: false,
+            fua: "rwf_dsync".into(),
             fdatasyncs: 0,
             dsync_writes: 0,
         }

@@ -94,9 +94,10 @@ pub fn status(s: &Status) -> String {
     let e = &s.engine;
     let _ = writeln!(
         out,
-        "  engine {} ({}), fdatasync {}, FUA writes {}",
+        "  engine {} ({}, FUA by {}), fdatasync {}, RWF_DSYNC writes {}",
         e.kind,
         if e.direct_io { "O_DIRECT" } else { "buffered" },
+        e.fua,
         e.fdatasyncs,
         e.dsync_writes
     );

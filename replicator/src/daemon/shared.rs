@@ -173,6 +173,7 @@ impl Shared {
         EngineStatus {
             kind: self.storage.engine_kind().as_str().to_string(),
             direct_io: self.storage.is_direct(),
+            fua: self.storage.fua_mode().as_str().to_string(),
             fdatasyncs: s.fdatasyncs,
             dsync_writes: s.dsync_writes,
         }

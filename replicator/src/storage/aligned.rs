@@ -35,7 +35,7 @@ use tandem_proto::buf::is_aligned;
 
 use super::backing::Backing;
 use super::callback::complete;
-use super::engine::{Completion, Done, Engine, EngineKind, EngineStats, Op, StorageError};
+use super::engine::{Completion, Done, Engine, EngineKind, EngineStats, FuaMode, Op, StorageError};
 use super::locks::BlockLocks;
 use super::plan::{interior, zero_chunk};
 
@@ -51,6 +51,7 @@ struct Inner {
     align: u64,
     mem_align: usize,
     direct: bool,
+    fua_mode: FuaMode,
     size: u64,
     locks: BlockLocks,
 }
@@ -64,6 +65,7 @@ impl Storage {
                 align: backing.dio_align() as u64,
                 mem_align: backing.mem_align(),
                 direct: backing.is_direct(),
+                fua_mode: backing.fua_mode(),
                 size: backing.size(),
                 locks: BlockLocks::default(),
             }),
@@ -131,6 +133,11 @@ impl Storage {
 
     pub fn is_direct(&self) -> bool {
         self.inner.direct
+    }
+
+    /// How FUA writes are made durable (see [`FuaMode`]).
+    pub fn fua_mode(&self) -> FuaMode {
+        self.inner.fua_mode
     }
 
     /// The backing store's size in bytes.

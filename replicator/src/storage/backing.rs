@@ -19,7 +19,10 @@
 //!   and the size is a multiple of `dio_align()`, so an aligned span never
 //!   reaches past the end. Whenever those cannot hold, the store is used
 //!   buffered (with one `tracing::warn!` saying why) and both alignments are 1;
-//! - the size is read once, at open.
+//! - the size is read once, at open;
+//! - [`Backing::fua_mode`] is [`FuaMode::WriteThenSync`] exactly when the
+//!   descriptor is `O_DIRECT` and the device under it is not known to have
+//!   native FUA (`/sys/dev/block/M:m/queue/fua`); otherwise `Dsync`.
 
 use std::fs::File;
 use std::io;
@@ -32,6 +35,7 @@ use rustix::fs::{AtFlags, FlockOperation, OFlags, StatxFlags};
 use thiserror::Error;
 
 use super::blkdev;
+use super::engine::FuaMode;
 
 /// How long [`Backing::open`] waits for a disk locked (or a block device
 /// held exclusively) by someone else before it reports it in use.
@@ -107,6 +111,7 @@ pub struct Backing {
     dio_align: usize,
     mem_align: usize,
     logical_block_size: u64,
+    fua_mode: FuaMode,
 }
 
 impl Backing {
@@ -172,6 +177,12 @@ impl Backing {
             }
         }
 
+        let fua_mode = if direct && native_fua(&file, kind) != Some(true) {
+            FuaMode::WriteThenSync
+        } else {
+            FuaMode::Dsync
+        };
+
         Ok(Backing {
             path,
             file,
@@ -181,6 +192,7 @@ impl Backing {
             dio_align,
             mem_align,
             logical_block_size,
+            fua_mode,
         })
     }
 
@@ -224,6 +236,11 @@ impl Backing {
         &self.file
     }
 
+    /// How FUA writes are made durable on this store.
+    pub fn fua_mode(&self) -> FuaMode {
+        self.fua_mode
+    }
+
     pub fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
@@ -233,6 +250,24 @@ impl AsFd for Backing {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// Whether the block device holding `file` (the device itself for a block
+/// device) has native FUA; `None` when sysfs does not say (a file on tmpfs,
+/// no sysfs, ...). A partition has no `queue`: its parent's is read.
+fn native_fua(file: &File, kind: BackingKind) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    let dev = match kind {
+        BackingKind::File => meta.dev(),
+        BackingKind::BlockDevice => meta.rdev(),
+    };
+    let base = format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev));
+    ["queue/fua", "../queue/fua"].iter().find_map(|rel| {
+        std::fs::read_to_string(format!("{base}/{rel}"))
+            .ok()
+            .map(|s| s.trim() == "1")
+    })
 }
 
 fn kind_of(path: &Path, meta: io::Result<std::fs::Metadata>) -> Result<BackingKind, BackingError> {

@@ -16,7 +16,8 @@ use thiserror::Error;
 pub enum Op {
     /// Read `len` bytes; completes with [`Done::Read`] holding exactly them.
     Read { offset: u64, len: usize },
-    /// Write `data`; with `fua` it is durable when the op completes.
+    /// Write `data`; with `fua` it is durable when the op completes (how:
+    /// [`FuaMode`]).
     Write { offset: u64, data: Bytes, fua: bool },
     /// `fdatasync`: every write completed before this op was submitted is
     /// durable when it completes.
@@ -94,6 +95,29 @@ impl StorageError {
 /// Called exactly once per op, on an engine thread.
 pub type Completion = Box<dyn FnOnce(Result<Done, StorageError>) + Send + 'static>;
 
+/// How a FUA write (`Op::Write` with `fua`) is made durable. Either way it
+/// is durable before the op completes (docs/durability.md, invariant 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuaMode {
+    /// Every write of the op carries `RWF_DSYNC`. On a device with native
+    /// FUA an `O_DIRECT` DSYNC write is a single FUA write.
+    Dsync,
+    /// Plain writes, then one `fdatasync` once they all completed. Chosen for
+    /// `O_DIRECT` on a device without native FUA, where the kernel finishes
+    /// a DSYNC direct write on a per-CPU kworker that can wait a whole
+    /// scheduler tick (docs/benchmarks.md); nbdkit does the same.
+    WriteThenSync,
+}
+
+impl FuaMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FuaMode::Dsync => "rwf_dsync",
+            FuaMode::WriteThenSync => "write_fdatasync",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
     IoUring,
@@ -116,9 +140,10 @@ pub struct EngineStats {
     pub read_bytes: u64,
     pub writes: u64,
     pub written_bytes: u64,
-    /// `fdatasync` calls (Flush ops, and syncs done for FUA trims/zeroes).
+    /// `fdatasync` calls (Flush ops, and syncs done for FUA writes in
+    /// [`FuaMode::WriteThenSync`] and FUA zeroes).
     pub fdatasyncs: u64,
-    /// Writes issued with `RWF_DSYNC` (FUA).
+    /// FUA writes made durable with `RWF_DSYNC` ([`FuaMode::Dsync`]).
     pub dsync_writes: u64,
     pub discards: u64,
     pub zeroes: u64,

@@ -18,7 +18,8 @@
 //!
 //! Durability contract of every engine (the NBD FLUSH/FUA rules rest on it):
 //! - a completed `Write` is in the backing store's (possibly volatile)
-//!   cache; `fua: true` makes it durable before completion (`RWF_DSYNC`);
+//!   cache; `fua: true` makes it durable before completion (`RWF_DSYNC`, or
+//!   plain writes then one `fdatasync`: see [`FuaMode`]);
 //! - a `Flush` is an `fdatasync` issued after it is submitted, so it makes
 //!   durable every write that completed before the `Flush` was submitted;
 //! - a plain `Write` never syncs.
@@ -40,7 +41,7 @@ pub use aligned::Storage;
 pub use backing::{
     BUSY_WAIT, Backing, BackingError, BackingKind, IoMode, MAX_DIO_ALIGN, OpenOptions,
 };
-pub use engine::{Completion, Done, Engine, EngineKind, EngineStats, Op, StorageError};
+pub use engine::{Completion, Done, Engine, EngineKind, EngineStats, FuaMode, Op, StorageError};
 pub use threads::{DEFAULT_THREADS, ThreadsEngine};
 pub use uring::{DEFAULT_URING_ENTRIES, UringEngine};
 

@@ -11,7 +11,9 @@
 //!
 //! Durability invariants encoded here:
 //! - a plain `Write` issues only plain writes, never a sync;
-//! - a `fua` `Write` issues every one of its writes with `RWF_DSYNC`;
+//! - a `fua` `Write` issues every one of its writes with `RWF_DSYNC`
+//!   ([`FuaMode::Dsync`]), or plain writes and then exactly one `fdatasync`,
+//!   issued only after every write succeeded ([`FuaMode::WriteThenSync`]);
 //! - `Flush` issues exactly one `fdatasync`;
 //! - `fua` `WriteZeroes` ends with one `fdatasync`, issued only after every
 //!   other step of the op succeeded;
@@ -32,7 +34,7 @@ use tandem_proto::AlignedBuf;
 
 use super::backing::{Backing, BackingKind};
 use super::blkdev;
-use super::engine::{Done, EngineStats, Op, StorageError};
+use super::engine::{Done, EngineStats, FuaMode, Op, StorageError};
 use super::stats::Counters;
 
 /// The most one read or write syscall is asked to move (a multiple of every
@@ -90,6 +92,7 @@ pub(crate) struct Geometry {
     pub(crate) kind: BackingKind,
     /// Unit of BLKDISCARD / BLKZEROOUT (1 for files).
     pub(crate) logical_block_size: u64,
+    pub(crate) fua: FuaMode,
 }
 
 impl Geometry {
@@ -97,6 +100,7 @@ impl Geometry {
         Geometry {
             kind: backing.kind(),
             logical_block_size: backing.logical_block_size(),
+            fua: backing.fua_mode(),
         }
     }
 }
@@ -120,7 +124,10 @@ enum State {
         offset: u64,
         data: Bytes,
         done: usize,
-        fua: bool,
+        /// Every write carries `RWF_DSYNC`.
+        dsync: bool,
+        /// An `fdatasync` is still to be issued once every byte is written.
+        sync_after: bool,
     },
     /// Flush, Discard, WriteZeroes: steps run in order.
     Phases(VecDeque<Phase>),
@@ -186,14 +193,16 @@ impl Plan {
             Op::Write { offset, data, fua } => {
                 delta.writes = 1;
                 delta.written_bytes = data.len() as u64;
-                delta.dsync_writes = u64::from(fua);
+                let dsync = fua && geometry.fua == FuaMode::Dsync;
+                delta.dsync_writes = u64::from(dsync);
                 (
                     "write",
                     State::Write {
                         offset,
                         data,
                         done: 0,
-                        fua,
+                        dsync,
+                        sync_after: fua && geometry.fua == FuaMode::WriteThenSync,
                     },
                 )
             }
@@ -270,9 +279,30 @@ impl Plan {
                 advance_transfer(name, *offset, done, wanted, result).map_err(|e| self.resolve(e))
             }
             State::Write {
-                offset, data, done, ..
-            } => advance_transfer(name, *offset, done, data.len(), result)
-                .map_err(|e| self.resolve(e)),
+                offset,
+                data,
+                done,
+                sync_after,
+                ..
+            } => {
+                if *done < data.len() {
+                    return advance_transfer(name, *offset, done, data.len(), result)
+                        .map_err(|e| self.resolve(e));
+                }
+                // Every byte was written: this was the FUA fdatasync.
+                match result {
+                    Ok(_) => {
+                        *sync_after = false;
+                        self.delta.fdatasyncs += 1;
+                        Ok(())
+                    }
+                    Err(errno) => Err(StorageError::Os {
+                        op: name,
+                        offset: *offset,
+                        errno: errno.raw_os_error(),
+                    }),
+                }
+            }
             State::Phases(phases) => {
                 let Some(front) = phases.pop_front() else {
                     return Ok(());
@@ -377,13 +407,20 @@ impl Plan {
                 offset,
                 data,
                 done,
-                fua,
-            } => (*done < data.len()).then(|| Prim::Write {
-                offset: *offset + *done as u64,
-                buf: data[*done..].as_ptr(),
-                len: (data.len() - *done).min(MAX_TRANSFER),
-                dsync: *fua,
-            }),
+                dsync,
+                sync_after,
+            } => {
+                if *done < data.len() {
+                    Some(Prim::Write {
+                        offset: *offset + *done as u64,
+                        buf: data[*done..].as_ptr(),
+                        len: (data.len() - *done).min(MAX_TRANSFER),
+                        dsync: *dsync,
+                    })
+                } else {
+                    sync_after.then_some(Prim::Fdatasync)
+                }
+            }
             State::Phases(phases) => match phases.front() {
                 None => None,
                 Some(Phase::Fallocate {
@@ -637,10 +674,17 @@ mod tests {
     const FILE: Geometry = Geometry {
         kind: BackingKind::File,
         logical_block_size: 1,
+        fua: FuaMode::Dsync,
     };
     const DEV: Geometry = Geometry {
         kind: BackingKind::BlockDevice,
         logical_block_size: 512,
+        fua: FuaMode::Dsync,
+    };
+    /// `O_DIRECT` on a file whose device has no native FUA.
+    const FILE_NO_FUA: Geometry = Geometry {
+        fua: FuaMode::WriteThenSync,
+        ..FILE
     };
 
     /// Drive a plan with scripted results; return the primitives it issued
@@ -753,6 +797,57 @@ mod tests {
             FILE,
             vec![Ok(1000)],
         );
+        assert_eq!(issued, ["write 0+1000 dsync=false"]);
+        assert_eq!((stats.dsync_writes, stats.fdatasyncs), (0, 0));
+    }
+
+    #[test]
+    fn fua_write_without_native_fua_writes_then_syncs_once() {
+        let data = Bytes::from(vec![1u8; 1000]);
+        let fua = |data: &Bytes| Op::Write {
+            offset: 0,
+            data: data.clone(),
+            fua: true,
+        };
+        // A short write is resumed; the one fdatasync comes after the last byte.
+        let (issued, result, stats) = drive(
+            fua(&data),
+            FILE_NO_FUA,
+            vec![Ok(600), Err(Errno::INTR), Ok(400), Err(Errno::INTR), Ok(0)],
+        );
+        assert_eq!(
+            issued,
+            [
+                "write 0+1000 dsync=false",
+                "write 600+400 dsync=false",
+                "write 600+400 dsync=false",
+                "fdatasync",
+                "fdatasync"
+            ]
+        );
+        assert!(result.is_ok());
+        assert_eq!(
+            (stats.writes, stats.dsync_writes, stats.fdatasyncs),
+            (1, 0, 1)
+        );
+        // A failed write is not followed by a sync; a failed sync fails the op
+        // and counts nothing.
+        let (issued, result, stats) = drive(fua(&data), FILE_NO_FUA, vec![Err(Errno::IO)]);
+        assert_eq!(issued, ["write 0+1000 dsync=false"]);
+        assert!(result.is_err());
+        assert_eq!(stats, EngineStats::default());
+        let (issued, result, stats) =
+            drive(fua(&data), FILE_NO_FUA, vec![Ok(1000), Err(Errno::IO)]);
+        assert_eq!(issued, ["write 0+1000 dsync=false", "fdatasync"]);
+        assert!(result.is_err());
+        assert_eq!(stats, EngineStats::default());
+        // Plain writes never sync in this mode either.
+        let plain = Op::Write {
+            offset: 0,
+            data,
+            fua: false,
+        };
+        let (issued, _, stats) = drive(plain, FILE_NO_FUA, vec![Ok(1000)]);
         assert_eq!(issued, ["write 0+1000 dsync=false"]);
         assert_eq!((stats.dsync_writes, stats.fdatasyncs), (0, 0));
     }

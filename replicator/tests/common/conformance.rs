@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use bytes::Bytes;
-use tandem_replicator::storage::{Done, Op, StorageError};
+use tandem_replicator::storage::{Done, FuaMode, Op, StorageError};
 
 use super::{Fixture, HANG, bytes_at_misalignment, pattern, read, run, write};
 
@@ -19,8 +19,8 @@ pub type Check = fn(&Fixture);
 pub const CHECKS: &[(&str, Check)] = &[
     ("round_trips", round_trips),
     (
-        "fua_write_is_dsync_and_plain_write_never_syncs",
-        fua_write_is_dsync_and_plain_write_never_syncs,
+        "fua_write_is_durable_and_plain_write_never_syncs",
+        fua_write_is_durable_and_plain_write_never_syncs,
     ),
     ("flush_is_one_fdatasync", flush_is_one_fdatasync),
     ("discard_punches_a_hole", discard_punches_a_hole),
@@ -81,7 +81,7 @@ pub fn round_trips(fx: &Fixture) {
     }
 }
 
-pub fn fua_write_is_dsync_and_plain_write_never_syncs(fx: &Fixture) {
+pub fn fua_write_is_durable_and_plain_write_never_syncs(fx: &Fixture) {
     for (offset, len) in [(0u64, 4096usize), (100, 10)] {
         let before = fx.stats();
         write(&fx.storage, offset, &pattern(1, len), false);
@@ -100,15 +100,22 @@ pub fn fua_write_is_dsync_and_plain_write_never_syncs(fx: &Fixture) {
         write(&fx.storage, offset, &pattern(2, len), true);
         let after = fx.stats();
         assert_eq!(after.writes, before.writes + 1, "FUA write at {offset}");
-        assert_eq!(
-            after.dsync_writes,
-            before.dsync_writes + 1,
-            "a FUA write is one DSYNC write"
+        let durable_by = (
+            after.dsync_writes - before.dsync_writes,
+            after.fdatasyncs - before.fdatasyncs,
         );
-        assert_eq!(
-            after.fdatasyncs, before.fdatasyncs,
-            "a FUA write needs no fdatasync"
-        );
+        match fx.storage.fua_mode() {
+            FuaMode::Dsync => assert_eq!(durable_by, (1, 0), "a FUA write is one DSYNC write"),
+            FuaMode::WriteThenSync => assert_eq!(
+                durable_by,
+                (0, 1),
+                "a FUA write is plain writes and one fdatasync"
+            ),
+        }
+        // WriteThenSync only where DSYNC direct writes would stall.
+        if !fx.storage.is_direct() {
+            assert_eq!(fx.storage.fua_mode(), FuaMode::Dsync);
+        }
         assert_eq!(read(&fx.storage, offset, len), pattern(2, len));
     }
 }
