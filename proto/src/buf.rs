@@ -8,9 +8,11 @@
 //! [`Bytes`] through [`AlignedBuf::into_bytes`] without copying, so the same
 //! memory can be written locally and sent to the peer at the same time.
 //!
-//! Invariant: `ptr` is valid for `len` initialised bytes (zeroed at
-//! allocation) and aligned to `align`; the memory is freed exactly once, in
-//! `Drop`, with the layout it was allocated with.
+//! Invariant: `ptr` is valid for `len` bytes and aligned to `align`; the
+//! memory is freed exactly once, in `Drop`, with the layout it was allocated
+//! with. The bytes are initialised (zeroed at allocation), except in a
+//! buffer from [`AlignedBuf::uninit`] until its owner has written them all;
+//! only then may it read them or hand the buffer on.
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
@@ -54,6 +56,32 @@ impl AlignedBuf {
             alloc::handle_alloc_error(layout)
         };
         AlignedBuf { ptr, len, layout }
+    }
+
+    /// A buffer of `len` bytes aligned to [`PAYLOAD_ALIGN`], *not* zeroed:
+    /// for a read that overwrites it completely (zeroing 1 MiB costs more
+    /// than the copy into it).
+    ///
+    /// # Safety
+    /// Until every byte has been written through [`AlignedBuf::as_mut_ptr`],
+    /// the caller must not call [`AlignedBuf::as_slice`],
+    /// [`AlignedBuf::as_mut_slice`] or [`AlignedBuf::into_bytes`], nor hand
+    /// the buffer to code that might; dropping it is always fine.
+    pub unsafe fn uninit(len: usize) -> Self {
+        let layout =
+            Layout::from_size_align(len.max(1), PAYLOAD_ALIGN).expect("valid buffer layout");
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf { ptr, len, layout }
+    }
+
+    /// The first byte, for writing (e.g. by the kernel) without first
+    /// making a slice of possibly uninitialised memory.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
     }
 
     /// A buffer holding a copy of `data`, aligned to [`PAYLOAD_ALIGN`].
@@ -136,6 +164,18 @@ mod tests {
             assert!(is_aligned(buf.as_slice(), PAYLOAD_ALIGN));
             assert_eq!(buf.len(), len);
             assert!(buf.as_slice().iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn uninit_buffers_are_aligned_and_usable_once_written() {
+        for len in [0usize, 1, 4096, (1 << 20) + 5] {
+            // SAFETY: every byte is written before the slice is made.
+            let mut buf = unsafe { AlignedBuf::uninit(len) };
+            assert!((buf.as_mut_ptr() as usize).is_multiple_of(PAYLOAD_ALIGN));
+            unsafe { std::ptr::write_bytes(buf.as_mut_ptr(), 0xab, len) };
+            assert_eq!(buf.len(), len);
+            assert!(buf.as_slice().iter().all(|&b| b == 0xab));
         }
     }
 

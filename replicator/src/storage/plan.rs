@@ -185,7 +185,13 @@ impl Plan {
                     "read",
                     State::Read {
                         offset,
-                        buf: Some(AlignedBuf::zeroed(len)),
+                        // SAFETY: the buffer is only written (through its
+                        // pointer, by reads) until `done == len`; `output`,
+                        // the one place it is read or handed on, runs only
+                        // once every byte has been read into it (a short or
+                        // failed read finishes the plan with an error and
+                        // drops it).
+                        buf: Some(unsafe { AlignedBuf::uninit(len) }),
                         done: 0,
                     },
                 )
@@ -398,8 +404,9 @@ impl Plan {
                     .expect("read buffer is present until the read finishes");
                 (*done < buf.len()).then(|| Prim::Read {
                     offset: *offset + *done as u64,
-                    // In bounds: done < len.
-                    buf: buf.as_mut_slice()[*done..].as_mut_ptr(),
+                    // In bounds: done < len. No slice: the bytes past
+                    // `done` are not initialised yet.
+                    buf: buf.as_mut_ptr().wrapping_add(*done),
                     len: (buf.len() - *done).min(MAX_TRANSFER),
                 })
             }
@@ -638,9 +645,12 @@ pub(crate) unsafe fn execute_blocking(fd: BorrowedFd<'_>, prim: &Prim) -> PrimRe
         Prim::Read { offset, buf, len } => {
             // SAFETY: per this function's contract `buf` points at `len`
             // writable bytes owned by the plan, which nothing else touches
-            // until the plan is stepped.
-            let slice = unsafe { std::slice::from_raw_parts_mut(buf, len) };
-            rustix::io::pread(fd, slice, offset)
+            // until the plan is stepped. They may be uninitialised (see
+            // `AlignedBuf::uninit`), hence MaybeUninit.
+            let slice = unsafe {
+                std::slice::from_raw_parts_mut(buf.cast::<std::mem::MaybeUninit<u8>>(), len)
+            };
+            rustix::io::pread(fd, slice, offset).map(|(filled, _)| filled.len())
         }
         Prim::Write {
             offset,
