@@ -11,6 +11,17 @@
 //! come back through the same eventfd. SQEs beyond the free SQ space, or
 //! beyond the completion queue's capacity, wait in a backlog.
 //!
+//! `Flush` ops do not go through the ring: io_uring cannot `fsync` without
+//! blocking and hands every one to an io-wq worker, whose completion then
+//! has to wake the ring thread, which wakes whoever waits for the FLUSH. A
+//! dedicated sync thread instead calls `fdatasync` itself and runs the op's
+//! completion there and then (nbdkit likewise syncs on the thread that
+//! answers). Likewise, when a plan on the ring asks for an `fdatasync` (a
+//! FUA write in `FuaMode::WriteThenSync`, a FUA write-zeroes), once its
+//! earlier SQEs have completed, the ring thread hands the whole op (plan and
+//! completion) to the sync thread, which finishes the plan with blocking
+//! syscalls and runs the completion.
+//!
 //! Invariants:
 //! - only the ring thread touches the ring, the in-flight table and the
 //!   backlog; submitters and the side thread only touch the two locked
@@ -24,16 +35,19 @@
 //! - `shutdown` stops accepting ops from other threads, waits until every
 //!   accepted op (and every follow-up its completion submitted) has
 //!   completed, then joins the thread;
-//! - a `Flush` SQE is only prepared after the op is taken from the queue, so
-//!   it is submitted after every write that completed before the `Flush` was
-//!   submitted; it is never linked to or drained behind other SQEs.
+//! - a `Flush` is handed to the sync thread in `submit` and its `fdatasync`
+//!   is called after that, so it is issued after every write that completed
+//!   before the `Flush` was submitted; it never waits behind other ops;
+//! - the ring thread stops only when no `Flush` is outstanding either
+//!   (`Queue::syncs`, decremented after the completion ran, so whatever the
+//!   completion submitted is already queued); it then stops the sync thread.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{JoinHandle, ThreadId};
 
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 use rustix::io::Errno;
@@ -42,7 +56,7 @@ use super::backing::{Backing, BackingKind};
 use super::blkdev;
 use super::callback::{EngineThreads, complete};
 use super::engine::{Completion, Engine, EngineKind, EngineStats, Op, StorageError};
-use super::plan::{Geometry, Plan, Prim, PrimResult, Step};
+use super::plan::{Geometry, Plan, Prim, PrimResult, Step, execute_blocking};
 use super::stats::Counters;
 
 /// The ring size callers use unless configured otherwise.
@@ -63,7 +77,29 @@ struct Shared {
     side_done: Mutex<Vec<(usize, PrimResult)>>,
     eventfd: OwnedFd,
     counters: Counters,
+    /// The ring thread and the sync thread.
     threads: EngineThreads,
+    /// The ring thread's id (set before any op can be submitted).
+    ring_thread: std::sync::OnceLock<ThreadId>,
+    /// `Flush` ops for the sync thread.
+    syncs: Mutex<SyncJobs>,
+    sync_work: Condvar,
+}
+
+/// Work for the sync thread.
+enum SyncJob {
+    /// A `Flush` op.
+    Flush(Completion),
+    /// An op whose plan's next primitive is `Fdatasync`, with no SQE of it
+    /// in the kernel.
+    Plan(Plan, Completion),
+}
+
+#[derive(Default)]
+struct SyncJobs {
+    jobs: VecDeque<SyncJob>,
+    /// Set by the ring thread when it stops: the sync thread ends.
+    stop: bool,
 }
 
 #[derive(Default)]
@@ -74,11 +110,21 @@ struct Queue {
     shutting_down: bool,
     /// The ring thread has exited: nothing will take `ops` any more.
     stopped: bool,
+    /// `Flush` ops handed to the sync thread whose completion has not run.
+    syncs: usize,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_syncs(&self) -> MutexGuard<'_, SyncJobs> {
+        self.syncs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn on_ring_thread(&self) -> bool {
+        self.ring_thread.get() == Some(&std::thread::current().id())
     }
 
     fn wake(&self) {
@@ -124,7 +170,17 @@ impl UringEngine {
             eventfd,
             counters: Counters::default(),
             threads: EngineThreads::new(),
+            ring_thread: std::sync::OnceLock::new(),
+            syncs: Mutex::new(SyncJobs::default()),
+            sync_work: Condvar::new(),
         });
+        let sync_thread = {
+            let shared = Arc::clone(&shared);
+            let backing = Arc::clone(&backing);
+            std::thread::Builder::new()
+                .name("storage-sync".into())
+                .spawn(move || sync_thread(&shared, &backing))?
+        };
         let side = match backing.kind() {
             BackingKind::BlockDevice => Some(SideThread::start(
                 Arc::clone(&backing),
@@ -134,9 +190,18 @@ impl UringEngine {
         };
         let ring_shared = Arc::clone(&shared);
         // The ring thread's state holds raw pointers (not Send): build it there.
-        let thread = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("storage-uring".into())
-            .spawn(move || RingThread::new(ring, ring_shared, side, backing).run())?;
+            .spawn(move || RingThread::new(ring, ring_shared, side, sync_thread, backing).run());
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                shared.lock_syncs().stop = true;
+                shared.sync_work.notify_all();
+                return Err(e);
+            }
+        };
+        let _ = shared.ring_thread.set(thread.thread().id());
         Ok(UringEngine {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -146,11 +211,24 @@ impl UringEngine {
 
 impl Engine for UringEngine {
     fn submit(&self, op: Op, done: Completion) {
-        let on_ring_thread = self.shared.threads.is_current();
+        // A completion on the ring or the sync thread is part of the drain.
+        let on_engine_thread = self.shared.threads.is_current();
+        let on_ring_thread = on_engine_thread && self.shared.on_ring_thread();
         let mut queue = self.shared.lock();
-        if queue.stopped || (queue.shutting_down && !on_ring_thread) {
+        if queue.stopped || (queue.shutting_down && !on_engine_thread) {
             drop(queue);
             complete(done, Err(StorageError::Shutdown));
+            return;
+        }
+        if let Op::Flush = op {
+            // Counted before the ring thread can see the queue empty.
+            queue.syncs += 1;
+            drop(queue);
+            self.shared
+                .lock_syncs()
+                .jobs
+                .push_back(SyncJob::Flush(done));
+            self.shared.sync_work.notify_one();
             return;
         }
         queue.ops.push((op, done));
@@ -213,6 +291,8 @@ struct RingThread {
     free: Vec<usize>,
     /// Occupied slots.
     live: usize,
+    /// Joined when the ring thread stops.
+    sync_thread: Option<JoinHandle<()>>,
     /// Slots whose pending primitive awaits SQ space.
     backlog: VecDeque<usize>,
     /// SQEs pushed whose CQE has not been reaped (the eventfd poll excluded).
@@ -230,6 +310,7 @@ impl RingThread {
         ring: IoUring,
         shared: Arc<Shared>,
         side: Option<SideThread>,
+        sync_thread: JoinHandle<()>,
         backing: Arc<Backing>,
     ) -> RingThread {
         RingThread {
@@ -244,6 +325,7 @@ impl RingThread {
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
+            sync_thread: Some(sync_thread),
             backlog: VecDeque::new(),
             in_kernel: 0,
             poll_armed: false,
@@ -260,7 +342,8 @@ impl RingThread {
             self.fill_sq();
             let must_not_sleep = {
                 let mut queue = self.shared.lock();
-                if queue.shutting_down && queue.ops.is_empty() && self.live == 0 {
+                if queue.shutting_down && queue.ops.is_empty() && self.live == 0 && queue.syncs == 0
+                {
                     queue.stopped = true;
                     break;
                 }
@@ -289,6 +372,19 @@ impl RingThread {
         }
         if let Some(side) = self.side.take() {
             side.stop();
+        }
+        self.stop_sync_thread();
+    }
+
+    /// End the sync thread (it has nothing outstanding once the ring thread
+    /// stops normally) and wait for it.
+    fn stop_sync_thread(&mut self) {
+        self.shared.lock_syncs().stop = true;
+        self.shared.sync_work.notify_all();
+        if let Some(thread) = self.sync_thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the storage sync thread panicked");
         }
     }
 
@@ -344,6 +440,21 @@ impl RingThread {
                     .as_ref()
                     .expect("block-device ioctls only arise on block devices");
                 side.send(index, &prim);
+            }
+            Step::Issue(Prim::Fdatasync) => {
+                // No SQE of this op is in the kernel (its plan issues one
+                // primitive at a time): the sync thread finishes it.
+                let slot = self.slots[index].take().expect("slot is occupied");
+                self.free.push(index);
+                self.live -= 1;
+                let done = slot.done.expect("an op completes once");
+                // Counted before the slot stops counting as live.
+                self.shared.lock().syncs += 1;
+                self.shared
+                    .lock_syncs()
+                    .jobs
+                    .push_back(SyncJob::Plan(slot.plan, done));
+                self.shared.sync_work.notify_one();
             }
             Step::Issue(prim) => {
                 slot.pending = Some(prim);
@@ -435,6 +546,9 @@ impl Drop for RingThread {
             queue.stopped = true;
             std::mem::take(&mut queue.ops)
         };
+        // On a panic the sync thread still finishes its jobs, then ends.
+        self.shared.lock_syncs().stop = true;
+        self.shared.sync_work.notify_all();
         for (_, done) in queued {
             complete(done, Err(StorageError::Shutdown));
         }
@@ -450,6 +564,60 @@ impl Drop for RingThread {
                     complete(done, Err(StorageError::Shutdown));
                 }
             }
+        }
+    }
+}
+
+/// The sync thread: run each `Flush` (one `fdatasync`, through the same
+/// plan as every engine) and its completion, then tell the ring thread, which
+/// may be waiting for it to stop.
+fn sync_thread(shared: &Shared, backing: &Backing) {
+    shared.threads.enter();
+    let geometry = Geometry::of(backing);
+    loop {
+        let job = {
+            let mut syncs = shared.lock_syncs();
+            loop {
+                if let Some(done) = syncs.jobs.pop_front() {
+                    break Some(done);
+                }
+                if syncs.stop {
+                    break None;
+                }
+                syncs = shared
+                    .sync_work
+                    .wait(syncs)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let (mut plan, done, mut last) = match job {
+            None => return,
+            Some(SyncJob::Flush(done)) => (Plan::new(Op::Flush, geometry), done, None),
+            // Its pending primitive is an fdatasync: do it, then step on.
+            Some(SyncJob::Plan(plan, done)) => {
+                // SAFETY: Fdatasync holds no pointers.
+                let synced = unsafe { execute_blocking(backing.as_fd(), &Prim::Fdatasync) };
+                (plan, done, Some(synced))
+            }
+        };
+        let result = loop {
+            match plan.step(last, &shared.counters) {
+                // SAFETY: `prim` came from `plan`, which is alive and is not
+                // stepped until the syscall returns.
+                Step::Issue(prim) => {
+                    last = Some(unsafe { execute_blocking(backing.as_fd(), &prim) })
+                }
+                Step::Finished(result) => break result,
+            }
+        };
+        complete(done, result);
+        let shutting_down = {
+            let mut queue = shared.lock();
+            queue.syncs -= 1;
+            queue.shutting_down
+        };
+        if shutting_down {
+            shared.wake();
         }
     }
 }
