@@ -275,6 +275,12 @@ mod tests {
             Message::BitmapDone,
             Message::SyncUuid { uuid: 42 },
             Message::NewCurrentUuid { uuid: 43 },
+            Message::PromoteRequest { id: 5 },
+            Message::PromoteReply {
+                id: 5,
+                granted: false,
+                reason: "beta is Primary".into(),
+            },
             Message::Data {
                 id: 1,
                 offset: 4096,

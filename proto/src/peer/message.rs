@@ -102,6 +102,16 @@ pub enum Message {
     NewCurrentUuid {
         uuid: u64,
     },
+    /// The sender wants to become Primary; the peer must grant it (two
+    /// Primaries while connected are never allowed).
+    PromoteRequest {
+        id: u64,
+    },
+    PromoteReply {
+        id: u64,
+        granted: bool,
+        reason: String,
+    },
     // --- replication
     Data {
         id: u64,
@@ -167,6 +177,8 @@ pub mod code {
     pub const BITMAP_DONE: u16 = 18;
     pub const SYNC_UUID: u16 = 19;
     pub const NEW_CURRENT_UUID: u16 = 20;
+    pub const PROMOTE_REQUEST: u16 = 21;
+    pub const PROMOTE_REPLY: u16 = 22;
     pub const DATA: u16 = 32;
     pub const TRIM: u16 = 33;
     pub const ZERO: u16 = 34;
@@ -209,7 +221,8 @@ pub fn body_shape(kind: u16) -> Option<BodyShape> {
         REFUSE | DISCONNECT => Variable(2 + MAX_STRING),
         STATE => Fixed(1 + 1 + 8 * 4 + 4 + 8),
         BITMAP => Variable(4 + MAX_EXTENTS * 12),
-        SYNC_UUID | NEW_CURRENT_UUID => Fixed(8),
+        SYNC_UUID | NEW_CURRENT_UUID | PROMOTE_REQUEST => Fixed(8),
+        PROMOTE_REPLY => Variable(8 + 1 + 2 + MAX_STRING),
         DATA => WithData(8 + 8 + 4),
         TRIM => Fixed(8 + 8 + 4),
         ZERO => Fixed(8 + 8 + 4 + 4),
@@ -271,6 +284,8 @@ impl Message {
             Message::BitmapDone => BITMAP_DONE,
             Message::SyncUuid { .. } => SYNC_UUID,
             Message::NewCurrentUuid { .. } => NEW_CURRENT_UUID,
+            Message::PromoteRequest { .. } => PROMOTE_REQUEST,
+            Message::PromoteReply { .. } => PROMOTE_REPLY,
             Message::Data { .. } => DATA,
             Message::Trim { .. } => TRIM,
             Message::Zero { .. } => ZERO,
@@ -357,8 +372,17 @@ impl Message {
                 b.extend_from_slice(&len.to_be_bytes());
                 b.extend_from_slice(&flags.to_be_bytes());
             }
-            Message::WriteAck { id } | Message::Flush { id } => {
+            Message::WriteAck { id } | Message::Flush { id } | Message::PromoteRequest { id } => {
                 b.extend_from_slice(&id.to_be_bytes())
+            }
+            Message::PromoteReply {
+                id,
+                granted,
+                reason,
+            } => {
+                b.extend_from_slice(&id.to_be_bytes());
+                b.push(u8::from(*granted));
+                put_str(&mut b, reason, MAX_STRING);
             }
             Message::NegAck { id, errno } => {
                 b.extend_from_slice(&id.to_be_bytes());
@@ -452,6 +476,12 @@ impl Message {
             BITMAP_DONE => Message::BitmapDone,
             SYNC_UUID => Message::SyncUuid { uuid: r.u64()? },
             NEW_CURRENT_UUID => Message::NewCurrentUuid { uuid: r.u64()? },
+            PROMOTE_REQUEST => Message::PromoteRequest { id: r.u64()? },
+            PROMOTE_REPLY => Message::PromoteReply {
+                id: r.u64()?,
+                granted: get_bool(&mut r)?,
+                reason: get_str(&mut r, MAX_STRING)?,
+            },
             DATA => Message::Data {
                 id: r.u64()?,
                 offset: r.u64()?,
