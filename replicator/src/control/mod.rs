@@ -20,6 +20,16 @@ pub enum Request {
     Secondary,
     Down,
     Events,
+    Connect {
+        #[serde(default)]
+        discard_my_data: bool,
+    },
+    Disconnect,
+    Invalidate,
+    NewCurrentUuid {
+        #[serde(default)]
+        clear_bitmap: bool,
+    },
 }
 
 /// The answer to a request. `refused` marks a safety rule (exit 3).

@@ -170,6 +170,11 @@ impl Bitmap {
         self.version[page]
     }
 
+    /// The newest version of `page` known to be on stable storage.
+    pub fn durable_version(&self, page: usize) -> u64 {
+        self.durable[page]
+    }
+
     pub fn is_page_durable(&self, page: usize) -> bool {
         self.durable[page] == self.version[page]
     }

@@ -161,6 +161,19 @@ pub fn create(
     Ok(sb)
 }
 
+/// Read the whole on-disk bitmap.
+pub fn read_bitmap(loc: &MetaLocation, layout: &Layout) -> Result<Vec<u8>, MetaError> {
+    let mut buf = AlignedBuf::zeroed(layout.bitmap_size() as usize);
+    let at = layout.bitmap_offset();
+    loc.file()
+        .read_exact_at(buf.as_mut_slice(), at)
+        .map_err(|source| MetaError::Io {
+            what: format!("reading the bitmap at offset {at}"),
+            source,
+        })?;
+    Ok(buf.as_slice().to_vec())
+}
+
 /// Count the set bits of the on-disk bitmap (blocks out of sync).
 pub fn count_dirty(loc: &MetaLocation, layout: &Layout) -> Result<u64, MetaError> {
     let mut count = 0u64;

@@ -1,0 +1,189 @@
+//! What must be durable before what: superblock writes, bitmap page writes,
+//! and the continuations that wait for them.
+//!
+//! Invariants:
+//! - at most one superblock write is in flight, so the two slots are never
+//!   both being written (a crash leaves one intact);
+//! - at most one write per bitmap page is in flight; a page changed while
+//!   being written is written again if anyone needs the newer version;
+//! - a continuation runs only once everything it needs is durable; if a
+//!   metadata write fails the disk is Failed and waiting commands fail.
+
+use bytes::Bytes;
+use tracing::error;
+
+use super::node::{Deferred, Device, Need, Node, Purpose};
+use super::states::DiskState;
+use crate::metadata::BLOCK_SIZE;
+use crate::storage::{Op, StorageError};
+
+impl<T> Node<T> {
+    /// Queue a durable write of `self.md` with a new sequence number.
+    pub(super) fn persist(&mut self) -> u64 {
+        self.md.sequence += 1;
+        if self.md_in_flight.is_none() {
+            self.write_md();
+        }
+        self.md.sequence
+    }
+
+    fn write_md(&mut self) {
+        let seq = self.md.sequence;
+        self.md_in_flight = Some(seq);
+        let offset = self.md.layout.superblock_offset(seq % 2);
+        let op = Op::Write {
+            offset,
+            data: Bytes::from(self.md.encode()),
+            fua: true,
+        };
+        self.submit(Device::Meta, op, Purpose::Superblock { seq });
+    }
+
+    /// Make bitmap page `page` durable in its current version (one write
+    /// per page in flight).
+    pub(super) fn write_page(&mut self, page: usize) {
+        if self.page_writes.contains_key(&page) || self.bitmap.is_page_durable(page) {
+            return;
+        }
+        let version = self.bitmap.page_version(page);
+        self.page_writes.insert(page, version);
+        let offset = self.md.layout.bitmap_offset() + page as u64 * BLOCK_SIZE;
+        let op = Op::Write {
+            offset,
+            data: Bytes::from(self.bitmap.page_bytes(page)),
+            fua: true,
+        };
+        self.submit(Device::Meta, op, Purpose::BitmapPage { page, version });
+    }
+
+    /// Run `then` once `need` holds, issuing the writes it needs.
+    pub(super) fn wait(&mut self, need: Need, then: Deferred) {
+        match &need {
+            Need::Md(_) => {}
+            Need::Pages(pages) => {
+                for &(p, _) in pages {
+                    self.write_page(p);
+                }
+            }
+            Need::Everything(_) => {
+                let dirty: Vec<usize> = self.bitmap.dirty_pages().collect();
+                for p in dirty {
+                    self.write_page(p);
+                }
+            }
+        }
+        if self.met(&need) {
+            self.run_deferred(then, Ok(()));
+        } else {
+            self.waits.push((need, then));
+        }
+    }
+
+    fn met(&self, need: &Need) -> bool {
+        let pages_ok = |pages: &[(usize, u64)]| {
+            pages
+                .iter()
+                .all(|&(p, v)| self.bitmap.durable_version(p) >= v)
+        };
+        match need {
+            Need::Md(seq) => self.md_durable >= *seq,
+            Need::Pages(pages) => pages_ok(pages),
+            Need::Everything(seq) => {
+                self.md_durable >= *seq && self.bitmap.dirty_pages().next().is_none()
+            }
+        }
+    }
+
+    /// The bitmap pages covering blocks `[start, end)`, at their current
+    /// versions: what a write to those blocks must wait for.
+    pub(super) fn pages_need(&self, start: u64, end: u64) -> Need {
+        let pages = super::bitmap::Bitmap::pages_of(start, end)
+            .map(|p| (p, self.bitmap.page_version(p)))
+            .collect();
+        Need::Pages(pages)
+    }
+
+    pub(super) fn on_superblock_written(&mut self, seq: u64, result: Result<(), StorageError>) {
+        debug_assert_eq!(self.md_in_flight, Some(seq));
+        self.md_in_flight = None;
+        match result {
+            Ok(()) => {
+                self.md_durable = seq;
+                if self.md.sequence > seq {
+                    self.write_md();
+                }
+            }
+            Err(e) => self.metadata_failed(&e),
+        }
+        self.check_waits();
+    }
+
+    pub(super) fn on_page_written(
+        &mut self,
+        page: usize,
+        version: u64,
+        result: Result<(), StorageError>,
+    ) {
+        self.page_writes.remove(&page);
+        match result {
+            Ok(()) => {
+                self.bitmap.mark_durable(page, version);
+                // Someone may need a version written since.
+                let needed = self.waits.iter().any(|(n, _)| match n {
+                    Need::Pages(ps) => ps.iter().any(|&(p, _)| p == page),
+                    Need::Everything(_) => true,
+                    Need::Md(_) => false,
+                });
+                if needed && !self.bitmap.is_page_durable(page) {
+                    self.write_page(page);
+                }
+            }
+            Err(e) => self.metadata_failed(&e),
+        }
+        self.check_waits();
+    }
+
+    fn metadata_failed(&mut self, e: &StorageError) {
+        error!("metadata write failed: {e}; the disk is Failed");
+        self.set_disk(DiskState::Failed);
+        // Nothing waiting on metadata can succeed now.
+        let waits = std::mem::take(&mut self.waits);
+        for (_, then) in waits {
+            self.run_deferred(then, Err(format!("writing metadata failed: {e}")));
+        }
+    }
+
+    fn check_waits(&mut self) {
+        loop {
+            let Some(i) = self.waits.iter().position(|(n, _)| self.met(n)) else {
+                return;
+            };
+            let (_, then) = self.waits.remove(i);
+            self.run_deferred(then, Ok(()));
+        }
+    }
+
+    fn run_deferred(&mut self, then: Deferred, result: Result<(), String>) {
+        let err = |m: String| Err(super::node::CommandError::failed(m));
+        match then {
+            Deferred::CommandOk { cmd, message } => {
+                let r = result.map(|()| message.to_string()).or_else(err);
+                self.command_done(cmd, r);
+            }
+            Deferred::BecomePrimary { cmd, connected } => {
+                self.became_primary(cmd, connected, result)
+            }
+            Deferred::Resume => {
+                self.resume_pending = false;
+                self.resume();
+            }
+            Deferred::FinishWrite { w } => self.finish_write(w),
+            Deferred::FinishFlush { f } => self.finish_flush(f),
+            Deferred::SyncStarting => self.sync_starting_durable(),
+            Deferred::TargetReady => self.target_ready(),
+            Deferred::TargetFinished => self.target_finished(),
+            Deferred::SourceFinished => self.source_finished(),
+            Deferred::SendState => self.send_state(),
+        }
+    }
+}
