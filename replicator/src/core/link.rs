@@ -118,6 +118,19 @@ impl<T> Node<T> {
         self.send_state();
     }
 
+    /// A connection attempt failed the link handshake (wrong secret,
+    /// resource, size, names...). Nothing of the peer reached the core; the
+    /// reason is shown in status until a link succeeds. Returns whether the
+    /// reason is new (worth logging).
+    pub fn handle_link_refused(&mut self, reason: &str) -> bool {
+        let new = self.last_error.as_deref() != Some(reason);
+        if new {
+            self.last_error = Some(reason.to_string());
+            self.event("connection");
+        }
+        new
+    }
+
     /// The link broke or was closed.
     pub fn handle_link_down(&mut self, reason: &str) {
         if self.link.is_some() {

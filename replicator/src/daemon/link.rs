@@ -251,12 +251,19 @@ async fn session(
         r = tokio::time::timeout(settings.ping_timeout, handshake) => match r {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
-                warn!("peer link with {peer}: {e}");
+                if shared.link_refused(&e) {
+                    warn!("peer link with {peer}: {e}");
+                } else {
+                    debug!("peer link with {peer}: {e}");
+                }
                 return e;
             }
             Err(_) => {
-                warn!("peer link with {peer}: handshake timed out");
-                return "handshake timed out".into();
+                let e = "the link handshake timed out".to_string();
+                if shared.link_refused(&e) {
+                    warn!("peer link with {peer}: {e}");
+                }
+                return e;
             }
         },
     };
@@ -383,6 +390,13 @@ impl<R: AsyncRead + Unpin> FrameReader<'_, R> {
             .finish(&raw, &header, &fixed, data, crc)
             .map_err(|e| format!("bad frame from the peer: {e}"))
     }
+}
+
+/// A frame failed its checks: nothing of it is used, the link is dropped.
+fn bad_frame(e: frame::FrameError) -> String {
+    let reason = format!("bad frame from the peer: {e}");
+    warn!("peer link: {reason}; dropping the link (nothing of the frame reaches the disk)");
+    reason
 }
 
 struct FrameWriter<'a, W: AsyncWrite> {

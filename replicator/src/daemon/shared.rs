@@ -163,6 +163,12 @@ impl Shared {
         }
     }
 
+    /// A connection failed the link handshake; returns whether the reason
+    /// is new since the last refusal (so repeated retries log it once).
+    pub fn link_refused(self: &Arc<Self>, reason: &str) -> bool {
+        self.run(|core| core.handle_link_refused(reason))
+    }
+
     /// A message from link `id`.
     pub fn peer_message(self: &Arc<Self>, id: u64, msg: Message) {
         let actions = {
