@@ -16,8 +16,9 @@
 //! - `NBD_CMD_DISC`, end of input, a protocol violation and server shutdown
 //!   all stop reading new requests but let every request already read run to
 //!   completion and send its reply before the connection closes;
-//! - a connection's buffered payloads are bounded by
-//!   [`ServerLimits::max_buffered_bytes`]; a client that sends faster waits.
+//! - a connection's buffered payloads and unsent read data are bounded by
+//!   [`ServerLimits::max_buffered_bytes`]; a client that sends faster than
+//!   it takes its answers waits.
 
 mod connection;
 mod export;

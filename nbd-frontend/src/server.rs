@@ -56,7 +56,7 @@ impl Default for ServerLimits {
             max_payload: 32 * 1024 * 1024,
             max_buffered_bytes: 256 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }

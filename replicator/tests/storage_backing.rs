@@ -13,7 +13,7 @@ use common::{
     EngineSel, capture_warnings, make_file, pattern, privileged_or_skip, read, start_engine, write,
 };
 use tandem_replicator::storage::{
-    Backing, BackingError, BackingKind, IoMode, OpenOptions, Storage,
+    BUSY_WAIT, Backing, BackingError, BackingKind, IoMode, OpenOptions, Storage,
 };
 
 const DIRECT: OpenOptions = OpenOptions {
@@ -37,6 +37,34 @@ fn a_locked_disk_is_refused_until_released() {
     }
     drop(first);
     Backing::open(&path, DIRECT).expect("open again once released");
+}
+
+/// A lock released within `BUSY_WAIT` (as the kernel releases a killed
+/// process's after tearing down its io_uring) is waited for; one held
+/// longer is reported after about `BUSY_WAIT`.
+#[test]
+fn a_lock_released_soon_is_waited_for() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let path = make_file(&dir.path().join("disk.img"), 1 << 20);
+    let first = Backing::open(&path, DIRECT).expect("first open");
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(BUSY_WAIT / 10);
+        drop(first);
+    });
+    Backing::open(&path, DIRECT).expect("the lock was released within BUSY_WAIT");
+    releaser.join().unwrap();
+
+    let _held = Backing::open(&path, DIRECT).unwrap();
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        Backing::open(&path, DIRECT),
+        Err(BackingError::InUse { .. })
+    ));
+    assert!(
+        started.elapsed() >= BUSY_WAIT,
+        "gave up after {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

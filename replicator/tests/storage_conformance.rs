@@ -52,6 +52,7 @@ conformance!(
     zeroes_with_and_without_unmap,
     fast_zeroes,
     out_of_range_is_refused,
+    empty_ranges_complete,
     shutdown_drains_then_refuses,
 );
 

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod nbd;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,7 +24,10 @@ pub fn require(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "this test needs `{tool}`; `.ci/run` installs it (apt-get install -y libnbd-bin nbdkit nbdfuse qemu-utils fio nbd-client)");
+    assert!(
+        found,
+        "this test needs `{tool}`; `.ci/run` installs it (apt-get install -y libnbd-bin nbdkit nbdfuse qemu-utils fio nbd-client)"
+    );
 }
 
 /// Poll `f` until it returns `Some`, or panic after `timeout`.
@@ -33,7 +37,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -54,7 +61,9 @@ impl Out {
 }
 
 pub fn run(cmd: &mut Command) -> Out {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     Out {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -92,6 +101,11 @@ pub struct Spec {
     /// Extra sections appended to the file.
     pub extra_sections: String,
     pub repd_args: Vec<String>,
+    /// Nodes whose disk is an existing file or block device (not created).
+    pub disks: Vec<(&'static str, PathBuf)>,
+    /// Extra TOML lines for a node's `[[node]]` section; `{dir}` in them
+    /// is replaced by the cluster's directory.
+    pub node_extra: Vec<(&'static str, String)>,
 }
 
 impl Spec {
@@ -103,7 +117,23 @@ impl Spec {
             resource_extra: String::new(),
             extra_sections: String::new(),
             repd_args: Vec::new(),
+            disks: Vec::new(),
+            node_extra: Vec::new(),
         }
+    }
+
+    /// Use `path` (e.g. a loop device) as `node`'s disk instead of a new
+    /// sparse file; the cluster neither creates nor removes it.
+    /// Add `lines` to `node`'s `[[node]]` section (`{dir}` is the
+    /// cluster's directory), e.g. `meta-disk = "{dir}/alpha.md"`.
+    pub fn node_toml(mut self, node: &'static str, lines: &str) -> Spec {
+        self.node_extra.push((node, lines.to_string()));
+        self
+    }
+
+    pub fn disk(mut self, node: &'static str, path: impl Into<PathBuf>) -> Spec {
+        self.disks.push((node, path.into()));
+        self
     }
 
     pub fn nbd(mut self, kind: NbdKind) -> Spec {
@@ -123,7 +153,11 @@ impl Spec {
 
 /// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Cluster {
@@ -135,13 +169,22 @@ pub struct Cluster {
 
 impl Cluster {
     fn new(spec: Spec) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-test-")
+            .tempdir()
+            .unwrap();
         let mut toml = format!("[resource]\nname = \"r0\"\n{}\n", spec.resource_extra);
         let mut nodes = Vec::new();
         for name in &spec.nodes {
-            let disk = dir.path().join(format!("{name}.img"));
-            let f = std::fs::File::create(&disk).unwrap();
-            f.set_len(spec.size).unwrap();
+            let disk = match spec.disks.iter().find(|(n, _)| n == name) {
+                Some((_, path)) => path.clone(),
+                None => {
+                    let disk = dir.path().join(format!("{name}.img"));
+                    let f = std::fs::File::create(&disk).unwrap();
+                    f.set_len(spec.size).unwrap();
+                    disk
+                }
+            };
             let node = NodeHandle {
                 name: name.to_string(),
                 disk,
@@ -165,37 +208,64 @@ impl Cluster {
                 nbd,
                 node.control.display()
             );
+            for (_, lines) in spec.node_extra.iter().filter(|(n, _)| n == name) {
+                toml += &lines.replace("{dir}", &dir.path().display().to_string());
+                toml += "\n";
+            }
             nodes.push(node);
         }
         toml += &spec.extra_sections;
         let config = dir.path().join("r0.toml");
         std::fs::write(&config, toml).unwrap();
-        Cluster { dir, config, nodes, repd_args: spec.repd_args }
+        Cluster {
+            dir,
+            config,
+            nodes,
+            repd_args: spec.repd_args,
+        }
     }
 
     pub fn node(&self, name: &str) -> &NodeHandle {
-        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     fn node_mut(&mut self, name: &str) -> &mut NodeHandle {
-        self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     /// `repctl --config … --node NAME args…`
     pub fn repctl(&self, node: &str, args: &[&str]) -> Out {
-        run(Command::new(REPCTL).arg("--config").arg(&self.config).arg("--node").arg(node).args(args))
+        run(Command::new(REPCTL)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--node")
+            .arg(node)
+            .args(args))
     }
 
     /// Start `repd` for `node` and wait until it answers `status`.
     pub fn start(&mut self, node: &str) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.node(node).log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.node(node).log)
+            .unwrap();
         let child = Command::new(REPD)
             .arg("--config")
             .arg(&self.config)
             .arg("--node")
             .arg(node)
             .args(&self.repd_args)
-            .env("TANDEM_LOG", std::env::var("TANDEM_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "TANDEM_LOG",
+                std::env::var("TANDEM_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -203,12 +273,55 @@ impl Cluster {
             .expect("spawn repd");
         self.node_mut(node).child = Some(child);
         let name = node.to_string();
-        wait_for(&format!("repd {name} to answer"), Duration::from_secs(20), || {
-            if let Some(code) = self.try_exit(&name) {
-                panic!("repd {name} exited with {code:?} during start:\n{}", self.log(&name));
+        wait_for(
+            &format!("repd {name} to answer"),
+            Duration::from_secs(20),
+            || {
+                if let Some(code) = self.try_exit(&name) {
+                    panic!(
+                        "repd {name} exited with {code:?} during start:\n{}",
+                        self.log(&name)
+                    );
+                }
+                (self.repctl(&name, &["status", "--json"]).code == 0).then_some(())
+            },
+        );
+    }
+
+    /// Run `repd` for `node` in the foreground with extra `args`, for starts
+    /// that must fail; kills it and panics if it is still running after 20s.
+    pub fn repd_once(&self, node: &str, config: &Path, args: &[&str]) -> Out {
+        let mut child = Command::new(REPD)
+            .arg("--config")
+            .arg(config)
+            .arg("--node")
+            .arg(node)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn repd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("repd was expected to exit but still runs after 20s");
             }
-            (self.repctl(&name, &["status", "--json"]).code == 0).then_some(())
-        });
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Whether `node`'s repd process is still running.
+    pub fn is_running(&mut self, node: &str) -> bool {
+        self.node(node).child.is_some() && self.try_exit(node).is_none()
     }
 
     /// The exit status if `node`'s repd has exited.
@@ -233,7 +346,11 @@ impl Cluster {
 
     pub fn wait_exit(&mut self, node: &str) -> Option<i32> {
         let name = node.to_string();
-        wait_for(&format!("repd {name} to exit"), Duration::from_secs(30), || self.try_exit(&name))
+        wait_for(
+            &format!("repd {name} to exit"),
+            Duration::from_secs(30),
+            || self.try_exit(&name),
+        )
     }
 
     /// SIGKILL `node`'s repd (a crash).
@@ -258,12 +375,57 @@ impl Cluster {
 
     pub fn status(&self, node: &str) -> Value {
         let out = self.repctl(node, &["status", "--json"]).ok();
-        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad status JSON {e}: {}", out.stdout))
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("bad status JSON {e}: {}", out.stdout))
     }
 
     pub fn dump_md(&self, node: &str) -> Value {
         let out = self.repctl(node, &["dump-md"]).ok();
         serde_json::from_str(&out.stdout).unwrap()
+    }
+
+    /// The engine's durability counters: (`fdatasyncs`, `dsync_writes`).
+    pub fn syncs(&self, node: &str) -> (u64, u64) {
+        let s = self.status(node);
+        let e = &s["engine"];
+        (
+            e["fdatasyncs"].as_u64().unwrap(),
+            e["dsync_writes"].as_u64().unwrap(),
+        )
+    }
+
+    /// The exported size (`size_bytes` of the status).
+    pub fn size(&self, node: &str) -> u64 {
+        self.status(node)["size_bytes"].as_u64().unwrap()
+    }
+
+    /// Wait until `node` counts exactly `n` attached NBD clients.
+    pub fn wait_clients(&self, node: &str, n: u64) {
+        wait_for(
+            &format!("{n} NBD clients on {node}"),
+            Duration::from_secs(20),
+            || (self.status(node)["nbd_clients"].as_u64() == Some(n)).then_some(()),
+        );
+    }
+
+    /// A connected (not yet negotiated) socket to `node`'s NBD server.
+    pub fn connect(&self, node: &str) -> Box<dyn nbd::Stream> {
+        let n = self.node(node);
+        match n.nbd_kind {
+            NbdKind::Unix => nbd::connect_unix(&n.nbd_socket),
+            NbdKind::Tcp => nbd::connect_tcp(n.nbd_port),
+        }
+    }
+
+    /// A raw client in transmission with export `r0` on `node`.
+    pub fn client(&self, node: &str) -> nbd::RawClient {
+        nbd::RawClient::go(self.connect(node), "r0")
+            .unwrap_or_else(|e| panic!("NBD GO refused: {e}"))
+    }
+
+    /// Bytes of `node`'s disk, read directly (the data area starts at 0).
+    pub fn read_disk(&self, node: &str, offset: u64, len: usize) -> Vec<u8> {
+        read_file_range(&self.node(node).disk, offset, len)
     }
 
     /// An NBD URI for libnbd tools (nbdinfo, nbdcopy, nbdfuse, fio).
@@ -279,15 +441,26 @@ impl Cluster {
     pub fn qemu_opts(&self, node: &str) -> String {
         let n = self.node(node);
         match n.nbd_kind {
-            NbdKind::Unix => format!("driver=nbd,server.type=unix,server.path={},export=r0", n.nbd_socket.display()),
-            NbdKind::Tcp => format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=r0", n.nbd_port),
+            NbdKind::Unix => format!(
+                "driver=nbd,server.type=unix,server.path={},export=r0",
+                n.nbd_socket.display()
+            ),
+            NbdKind::Tcp => format!(
+                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=r0",
+                n.nbd_port
+            ),
         }
     }
 
-    /// Run `qemu-io -c CMD…` against the export.
+    /// Run `qemu-io -c CMD…` against the export, with `--cache=writeback`
+    /// (qemu-io's default is writethrough, which would make every write a
+    /// FUA write): writes are plain unless `-f`, and qemu sends one FLUSH
+    /// when it closes the image.
     pub fn qemu_io(&self, node: &str, cmds: &[&str]) -> Out {
         let mut c = Command::new("qemu-io");
-        c.arg("--image-opts").arg(self.qemu_opts(node));
+        c.arg("--cache=writeback")
+            .arg("--image-opts")
+            .arg(self.qemu_opts(node));
         for cmd in cmds {
             c.arg("-c").arg(cmd);
         }
@@ -341,4 +514,47 @@ pub fn read_file_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     f.read_exact_at(&mut buf, offset).unwrap();
     buf
+}
+
+/// A small seeded generator (xorshift64*) for reproducible random tests.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// The seed from `TANDEM_SEED` if set, else `default`; printed so a
+    /// failing run can be repeated.
+    pub fn seed_from_env(default: u64) -> u64 {
+        let seed = std::env::var("TANDEM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default);
+        eprintln!("seed {seed} (set TANDEM_SEED to repeat or vary)");
+        seed
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+
+    /// Between 0 and `max - 1` random bytes.
+    pub fn bytes_below(&mut self, max: u64) -> Vec<u8> {
+        let len = self.below(max) as usize;
+        self.bytes(len)
+    }
 }

@@ -42,7 +42,9 @@ fn read_option_replies(stream: &mut dyn Stream) -> Result<Vec<client::OptionRepl
     let mut buf = BytesMut::new();
     let mut replies = Vec::new();
     loop {
-        while let Some(r) = client::take_option_reply(&mut buf).map_err(|m| format!("bad reply magic {m:#x}"))? {
+        while let Some(r) =
+            client::take_option_reply(&mut buf).map_err(|m| format!("bad reply magic {m:#x}"))?
+        {
             let last = r.reply_type == REP_ACK || r.reply_type & (1 << 31) != 0;
             replies.push(r);
             if last {
@@ -63,12 +65,20 @@ pub fn greet(stream: &mut dyn Stream) {
     let mut greeting = [0u8; 18];
     stream.read_exact(&mut greeting).expect("greeting");
     client::decode_greeting(&greeting).expect("valid greeting");
-    stream.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes()).unwrap();
+    stream
+        .write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+        .unwrap();
 }
 
 /// Send one option and read its replies.
-pub fn option(stream: &mut dyn Stream, opt: u32, data: &[u8]) -> Result<Vec<client::OptionReply>, String> {
-    stream.write_all(&client::encode_option(opt, data)).map_err(|e| e.to_string())?;
+pub fn option(
+    stream: &mut dyn Stream,
+    opt: u32,
+    data: &[u8],
+) -> Result<Vec<client::OptionReply>, String> {
+    stream
+        .write_all(&client::encode_option(opt, data))
+        .map_err(|e| e.to_string())?;
     read_option_replies(stream)
 }
 
@@ -76,7 +86,17 @@ impl RawClient {
     /// Negotiate with NBD_OPT_GO; `Err` carries the server's message.
     pub fn go(mut stream: Box<dyn Stream>, name: &str) -> Result<RawClient, String> {
         greet(&mut *stream);
-        let replies = option(&mut *stream, OPT_GO, &client::encode_info_request(name, &[INFO_BLOCK_SIZE]))?;
+        RawClient::go_greeted(stream, name)
+    }
+
+    /// NBD_OPT_GO on a stream that has already been greeted (and may have
+    /// negotiated other options).
+    pub fn go_greeted(mut stream: Box<dyn Stream>, name: &str) -> Result<RawClient, String> {
+        let replies = option(
+            &mut *stream,
+            OPT_GO,
+            &client::encode_info_request(name, &[INFO_BLOCK_SIZE]),
+        )?;
         let mut size = None;
         let mut flags = 0;
         for r in &replies {
@@ -90,13 +110,31 @@ impl RawClient {
                 flags = f;
             }
         }
-        Ok(RawClient { stream, size: size.ok_or("no export info")?, flags, next_cookie: 1 })
+        Ok(RawClient {
+            stream,
+            size: size.ok_or("no export info")?,
+            flags,
+            next_cookie: 1,
+        })
     }
 
-    pub fn send(&mut self, command: u16, cmd_flags: u16, offset: u64, length: u32, payload: &[u8]) -> u64 {
+    pub fn send(
+        &mut self,
+        command: u16,
+        cmd_flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> u64 {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
-        let h = RequestHeader { flags: cmd_flags, command, cookie, offset, length };
+        let h = RequestHeader {
+            flags: cmd_flags,
+            command,
+            cookie,
+            offset,
+            length,
+        };
         let mut msg = h.encode().to_vec();
         msg.extend_from_slice(payload);
         self.stream.write_all(&msg).expect("send request");
@@ -104,9 +142,44 @@ impl RawClient {
     }
 
     pub fn reply(&mut self) -> SimpleReply {
+        self.try_reply().expect("reply header")
+    }
+
+    /// The next reply header, or the error that ended the stream.
+    pub fn try_reply(&mut self) -> std::io::Result<SimpleReply> {
         let mut raw = [0u8; 16];
-        self.stream.read_exact(&mut raw).expect("reply header");
-        SimpleReply::decode(&raw).expect("reply magic")
+        self.stream.read_exact(&mut raw)?;
+        Ok(SimpleReply::decode(&raw).expect("reply magic"))
+    }
+
+    /// Send `command` and wait for its (data-less) reply.
+    fn simple(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+    ) -> Result<(), ErrorCode> {
+        let cookie = self.send(command, flags, offset, length, &[]);
+        let r = self.reply();
+        assert_eq!(r.cookie, cookie);
+        r.error.map_or(Ok(()), Err)
+    }
+
+    pub fn trim(&mut self, offset: u64, len: u32, fua: bool) -> Result<(), ErrorCode> {
+        self.simple(CMD_TRIM, if fua { CMD_FLAG_FUA } else { 0 }, offset, len)
+    }
+
+    /// NBD_CMD_WRITE_ZEROES with the given command flags (FUA, NO_HOLE, FAST_ZERO).
+    pub fn write_zeroes(&mut self, offset: u64, len: u32, flags: u16) -> Result<(), ErrorCode> {
+        self.simple(CMD_WRITE_ZEROES, flags, offset, len)
+    }
+
+    /// Read the data of a successful read reply.
+    pub fn read_data(&mut self, len: usize) -> Vec<u8> {
+        let mut data = vec![0u8; len];
+        self.stream.read_exact(&mut data).expect("read data");
+        data
     }
 
     pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, ErrorCode> {
@@ -136,10 +209,31 @@ impl RawClient {
         r.error.map_or(Ok(()), Err)
     }
 
+    /// Assert that the server closes the connection (after any replies
+    /// still on their way), within the stream's read timeout.
+    pub fn expect_closed(self) {
+        expect_closed(self.stream)
+    }
+
     /// Send NBD_CMD_DISC and wait for the server to close.
     pub fn disconnect(mut self) {
         self.send(CMD_DISC, 0, 0, 0, &[]);
         let mut rest = Vec::new();
         let _ = self.stream.read_to_end(&mut rest);
+    }
+}
+
+/// Read and drop whatever arrives until the server closes the connection
+/// (EOF or reset); panics if it stays open for the read timeout.
+pub fn expect_closed(mut stream: Box<dyn Stream>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("expected the server to close the connection, but: {e}"),
+        }
     }
 }

@@ -4,6 +4,11 @@
 //! through [`Shared::command`]; `down` is handed to the daemon's main task,
 //! which owns the shutdown sequence. A malformed request gets an error
 //! response; it never affects the daemon.
+//!
+//! Every connection but a `down` waiting for its answer holds the node (and
+//! so the disk); [`ControlServer::close`] ends them all, even a client that
+//! never sends its request, so that repd can release the disk before it
+//! answers `down`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::shared::{Shared, event_line};
@@ -22,6 +28,8 @@ use super::DownRequest;
 
 pub struct ControlServer {
     path: PathBuf,
+    /// The accept loop and every connection but a waiting `down`.
+    tasks: TaskTracker,
 }
 
 impl ControlServer {
@@ -59,7 +67,9 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        tokio::spawn(async move {
+        let tasks = TaskTracker::new();
+        let conns = tasks.clone();
+        tasks.spawn(async move {
             loop {
                 let stream = tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -71,12 +81,21 @@ impl ControlServer {
                         }
                     },
                 };
-                tokio::spawn(serve(stream, shared.clone(), down.clone(), cancel.clone()));
+                conns.spawn(serve(stream, shared.clone(), down.clone(), cancel.clone()));
             }
         });
         Ok(ControlServer {
             path: path.to_path_buf(),
+            tasks,
         })
+    }
+
+    /// Wait until the accept loop and every connection have ended (after
+    /// the cancellation token given to `bind` was cancelled), so none holds
+    /// the node any more. A `down` waiting for its answer is not waited for.
+    pub async fn close(self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }
 
@@ -95,8 +114,11 @@ async fn serve(
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(r.take(MAX_REQUEST_LINE as u64));
-    if reader.read_line(&mut line).await.is_err() {
-        return;
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = reader.read_line(&mut line) => if r.is_err() {
+            return;
+        },
     }
     let request: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
@@ -132,9 +154,14 @@ async fn serve(
             if down.send(DownRequest { reply, written }).is_err() {
                 Response::ok("already stopping")
             } else {
-                let response = answer.await.unwrap_or_else(|_| Response::ok("stopped"));
-                let _ = self::reply(&mut w, &response).await;
-                let _ = written_tx.send(());
+                // The answer comes once the disk is released: wait for it
+                // outside the tracked tasks, without holding the node.
+                drop(shared);
+                tokio::spawn(async move {
+                    let response = answer.await.unwrap_or_else(|_| Response::ok("stopped"));
+                    let _ = self::reply(&mut w, &response).await;
+                    let _ = written_tx.send(());
+                });
                 return;
             }
         }

@@ -357,10 +357,7 @@ impl<R: AsyncRead + Unpin> FrameReader<'_, R> {
             .read_exact(&mut raw)
             .await
             .map_err(|e| format!("the peer closed the link ({e})"))?;
-        let header = self
-            .decoder
-            .header(&raw)
-            .map_err(|e| format!("bad frame from the peer: {e}"))?;
+        let header = self.decoder.header(&raw).map_err(bad_frame)?;
         let mut fixed = vec![0u8; header.fixed_len()];
         self.r
             .read_exact(&mut fixed)
@@ -388,7 +385,7 @@ impl<R: AsyncRead + Unpin> FrameReader<'_, R> {
             .fetch_add(n as u64, Ordering::Relaxed);
         self.decoder
             .finish(&raw, &header, &fixed, data, crc)
-            .map_err(|e| format!("bad frame from the peer: {e}"))
+            .map_err(bad_frame)
     }
 }
 

@@ -1,14 +1,19 @@
 //! `repd`: one resource on one node.
 //!
-//! Start-up order: configuration, memory protections, backing store (locked
-//! exclusively), metadata (must exist and belong to this resource and node),
-//! storage engine, core, control socket, NBD server. A failure at any step
-//! is one line on stderr and a non-zero exit.
+//! Start-up order: configuration, backing store (locked exclusively),
+//! metadata (must exist and belong to this resource and node), memory
+//! protections, storage engine, core, control socket, NBD server. A failure
+//! at any step is one line on stderr (a JSON object with `--log-format
+//! json`) and a non-zero exit; a bad config, disk or metadata prints nothing
+//! else.
 //!
 //! Stop order (SIGTERM, SIGINT or `repctl down`): the NBD server stops
 //! accepting and every connection finishes the requests it has read; then
-//! the core demotes and writes a clean-shutdown superblock; then the
-//! engines drain; then the process exits 0.
+//! the core demotes and writes a clean-shutdown superblock; then the control
+//! connections end and the engines drain; then the disk is closed (its lock
+//! released); only then is `repctl down` answered, and the process exits 0.
+//! So when `repctl down` returns, the disk is free for `repctl create-md`,
+//! `dump-md` or a new repd.
 
 mod control;
 mod export;
@@ -86,12 +91,17 @@ pub enum IoArg {
 /// Entry point of the `repd` binary.
 pub fn main() -> ExitCode {
     let args = RepdArgs::parse();
-    logging::init(args.log_format);
+    let format = args.log_format;
+    logging::init(format);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
-            eprintln!("repd: {e:#}");
+            // One line, in the format the logs are in: a person reads
+            // `repd: …`, a machine reading JSON logs gets a JSON object.
+            match format {
+                LogFormat::Human => eprintln!("repd: {e:#}"),
+                LogFormat::Json => error!("{e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -116,7 +126,6 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let node = config.node(args.node.as_deref())?.clone();
     let peer = config.peer_of(&node.name).map(|p| p.name.clone());
-    memory::protect(!args.no_mlock);
 
     let mode = match args.io {
         IoArg::Direct => IoMode::Direct,
@@ -160,6 +169,10 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         );
     }
 
+    // Only now that the disk and its metadata are known good: a start that
+    // fails on them prints its one error line and nothing else.
+    memory::protect(!args.no_mlock);
+
     let choice = match args.engine {
         EngineArg::Auto => EngineChoice::Auto,
         EngineArg::IoUring => EngineChoice::IoUring,
@@ -202,14 +215,38 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         .thread_name("repd")
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(async {
+    let stop = runtime.block_on(async {
         let (shared, link_commands) =
             Shared::new(Node::new(params, sb, bitmap), storage.clone(), meta.clone());
         serve(&config, &node, shared, link_commands, data_size).await
     });
+    // `serve` has let go of the node; once the engines have drained, these
+    // are the last handles on the disk.
     storage.shutdown();
     meta.shutdown();
-    result
+    drop((storage, meta, meta_backing));
+    match Arc::try_unwrap(backing) {
+        Ok(backing) => drop(backing),
+        Err(_) => warn!("the disk is still in use inside repd; it is released when repd exits"),
+    }
+    let stop = stop?;
+    let response = match &stop.result {
+        Ok(_) => Response::ok("stopped"),
+        Err(e) => Response::error(e.message.clone()),
+    };
+    for d in stop.downs {
+        runtime.block_on(d.respond(response.clone()));
+    }
+    stop.result
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!(e.message))
+}
+
+/// How `serve` ended: the clean stop's result, and every `repctl down`
+/// that asked for it, answered once the disk is released.
+struct Stop {
+    result: Result<String, crate::core::CommandError>,
+    downs: Vec<DownRequest>,
 }
 
 async fn serve(
@@ -218,7 +255,7 @@ async fn serve(
     shared: Arc<Shared>,
     link_commands: mpsc::UnboundedReceiver<crate::core::LinkCommand>,
     data_size: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Stop> {
     let cancel = CancellationToken::new();
     let link_task = match config.peer_of(&node.name) {
         Some(peer) => {
@@ -245,7 +282,7 @@ async fn serve(
         None => None,
     };
     let (down_tx, mut down_rx) = mpsc::unbounded_channel();
-    let _control = ControlServer::bind(&node.control, shared.clone(), down_tx, cancel.clone())
+    let control = ControlServer::bind(&node.control, shared.clone(), down_tx, cancel.clone())
         .with_context(|| format!("cannot open control socket {}", node.control.display()))?;
     let listen = match &node.nbd {
         NbdListen::Tcp(addr) => Listen::Tcp(*addr),
@@ -267,7 +304,7 @@ async fn serve(
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let down = tokio::select! {
+    let first = tokio::select! {
         _ = term.recv() => { info!("SIGTERM: stopping"); None }
         _ = int.recv() => { info!("SIGINT: stopping"); None }
         Some(d) = down_rx.recv() => { info!("repctl down: stopping"); Some(d) }
@@ -283,14 +320,14 @@ async fn serve(
     if let Some(task) = link_task {
         let _ = task.await;
     }
-    if let Some(d) = down {
-        let response = match &result {
-            Ok(_) => Response::ok("stopped"),
-            Err(e) => Response::error(e.message.clone()),
-        };
-        d.respond(response).await;
+    control.close().await;
+    // Every control connection has ended: any other `repctl down` sent
+    // meanwhile is queued by now.
+    let mut downs: Vec<DownRequest> = first.into_iter().collect();
+    while let Ok(d) = down_rx.try_recv() {
+        downs.push(d);
     }
-    result.map(drop).map_err(|e| anyhow::anyhow!(e.message))
+    Ok(Stop { result, downs })
 }
 
 /// A `repctl down` waiting for its answer, and for the answer to be written

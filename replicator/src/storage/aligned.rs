@@ -23,7 +23,8 @@
 //!   becomes, so the request is durable when it completes;
 //! - every request completes exactly once. It completes inline (before
 //!   `submit` returns) only when no I/O is needed: a range past the end, an
-//!   empty discard, or an engine that refuses it after shutdown;
+//!   empty range (a read of nothing, a write of nothing), an empty discard,
+//!   or an engine that refuses it after shutdown;
 //! - with alignment 1 (buffered I/O) everything is passed straight through.
 
 use std::sync::{Arc, Mutex};
@@ -75,6 +76,16 @@ impl Storage {
         if let Err(e) = self.inner.check_range(&op) {
             complete(done, Err(e));
             return;
+        }
+        // Nothing to do (and an unaligned-range path would wait forever for
+        // the edge blocks of a range that has none).
+        match &op {
+            Op::Read { len: 0, .. } => return complete(done, Ok(Done::Read(Bytes::new()))),
+            Op::Write { data, .. } if data.is_empty() => return complete(done, Ok(Done::Ok)),
+            Op::Discard { len: 0, .. } | Op::WriteZeroes { len: 0, .. } => {
+                return complete(done, Ok(Done::Ok));
+            }
+            _ => {}
         }
         if self.inner.align == 1 {
             self.inner.engine.submit(op, done);
@@ -285,6 +296,7 @@ impl Inner {
     /// Write `data` at an unaligned `offset` / end: lock the partial edge
     /// blocks, read them, merge, write the whole aligned span, unlock.
     fn read_modify_write(this: &Arc<Inner>, offset: u64, data: Bytes, fua: bool, done: Completion) {
+        debug_assert!(!data.is_empty(), "an empty range has no edge to merge");
         let end = offset + data.len() as u64;
         let mut edges = Vec::with_capacity(2);
         if !this.is_aligned(offset) {

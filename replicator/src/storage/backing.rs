@@ -7,7 +7,12 @@
 //! Invariants, established by [`Backing::open`] and never changed after:
 //! - the descriptor is open read-write and holds an exclusive `flock`, so no
 //!   second process (a second repd, say) can use the same disk; a block
-//!   device is also opened `O_EXCL`, which fails while it is mounted;
+//!   device is also opened `O_EXCL`, which fails while it is mounted. A
+//!   lock or exclusive open held by someone else is waited for up to
+//!   [`BUSY_WAIT`]: the kernel releases those of a process killed with I/O
+//!   in flight only after tearing down its io_uring, a few milliseconds
+//!   after the process is gone, and a restart right after a crash must not
+//!   fail for that;
 //! - [`Backing::is_direct`] tells whether the descriptor really has
 //!   `O_DIRECT`. When it has, `dio_align()` and `mem_align()` are powers of
 //!   two no larger than 4096 (the alignment of `tandem_proto::AlignedBuf`),
@@ -21,11 +26,17 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, FlockOperation, OFlags, StatxFlags};
 use thiserror::Error;
 
 use super::blkdev;
+
+/// How long [`Backing::open`] waits for a disk locked (or a block device
+/// held exclusively) by someone else before it reports it in use.
+pub const BUSY_WAIT: Duration = Duration::from_secs(2);
+const BUSY_POLL: Duration = Duration::from_millis(10);
 
 /// The largest direct-I/O alignment used; above it the store is opened
 /// buffered. Matches `tandem_proto::buf::PAYLOAD_ALIGN`.
@@ -241,7 +252,21 @@ fn kind_of(path: &Path, meta: io::Result<std::fs::Metadata>) -> Result<BackingKi
     }
 }
 
+/// [`open_once`], waiting up to [`BUSY_WAIT`] while a block device is
+/// busy (held `O_EXCL` by someone else).
 fn open_fd(path: &Path, kind: BackingKind, direct: bool) -> io::Result<File> {
+    let deadline = Instant::now() + BUSY_WAIT;
+    loop {
+        match open_once(path, kind, direct) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(BUSY_POLL)
+            }
+            r => return r,
+        }
+    }
+}
+
+fn open_once(path: &Path, kind: BackingKind, direct: bool) -> io::Result<File> {
     let mut flags = 0;
     if direct {
         flags |= libc::O_DIRECT;
@@ -271,16 +296,27 @@ fn open_error(path: &Path, kind: BackingKind, source: io::Error) -> BackingError
     }
 }
 
+/// Take the exclusive lock, waiting up to [`BUSY_WAIT`] for another holder.
 fn lock(path: &Path, file: &File) -> Result<(), BackingError> {
-    match rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(BackingError::InUse {
-            path: path.to_path_buf(),
-        }),
-        Err(e) => Err(BackingError::Lock {
-            path: path.to_path_buf(),
-            source: e.into(),
-        }),
+    let deadline = Instant::now() + BUSY_WAIT;
+    loop {
+        match rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                std::thread::sleep(BUSY_POLL)
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(BackingError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => {
+                return Err(BackingError::Lock {
+                    path: path.to_path_buf(),
+                    source: e.into(),
+                });
+            }
+        }
     }
 }
 

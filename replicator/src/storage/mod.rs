@@ -37,7 +37,9 @@ mod uring;
 use std::sync::Arc;
 
 pub use aligned::Storage;
-pub use backing::{Backing, BackingError, BackingKind, IoMode, MAX_DIO_ALIGN, OpenOptions};
+pub use backing::{
+    BUSY_WAIT, Backing, BackingError, BackingKind, IoMode, MAX_DIO_ALIGN, OpenOptions,
+};
 pub use engine::{Completion, Done, Engine, EngineKind, EngineStats, Op, StorageError};
 pub use threads::{DEFAULT_THREADS, ThreadsEngine};
 pub use uring::{DEFAULT_URING_ENTRIES, UringEngine};

@@ -30,6 +30,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ),
     ("fast_zeroes", fast_zeroes),
     ("out_of_range_is_refused", out_of_range_is_refused),
+    ("empty_ranges_complete", empty_ranges_complete),
     ("shutdown_drains_then_refuses", shutdown_drains_then_refuses),
 ];
 
@@ -405,4 +406,53 @@ pub fn shutdown_drains_then_refuses(fx: &Fixture) {
             "write {i} after shutdown"
         );
     }
+}
+
+/// Requests for nothing (length 0), at aligned and unaligned offsets and at
+/// the very end, complete at once with success and touch nothing.
+pub fn empty_ranges_complete(fx: &Fixture) {
+    let size = fx.storage.size();
+    let data = pattern(42, 8192);
+    write(&fx.storage, 0, &data, false);
+    for offset in [0, 4095, 4096, size - 1, size] {
+        match run(&fx.storage, Op::Read { offset, len: 0 }) {
+            Ok(Done::Read(b)) => assert!(b.is_empty(), "read of nothing at {offset}"),
+            other => panic!("read of nothing at {offset}: {other:?}"),
+        }
+        let ops = [
+            Op::Write {
+                offset,
+                data: Bytes::new(),
+                fua: false,
+            },
+            Op::Write {
+                offset,
+                data: Bytes::new(),
+                fua: true,
+            },
+            Op::Discard { offset, len: 0 },
+            Op::WriteZeroes {
+                offset,
+                len: 0,
+                may_unmap: true,
+                fast_only: false,
+                fua: false,
+            },
+            Op::WriteZeroes {
+                offset,
+                len: 0,
+                may_unmap: false,
+                fast_only: true,
+                fua: true,
+            },
+        ];
+        for op in ops {
+            let what = format!("{op:?}");
+            assert!(matches!(run(&fx.storage, op), Ok(Done::Ok)), "{what}");
+        }
+    }
+    assert!(
+        read(&fx.storage, 0, 8192) == data,
+        "an empty request changed data"
+    );
 }
