@@ -76,7 +76,12 @@ impl Proxy {
                             conns.push(client.try_clone().unwrap());
                             conns.push(server.try_clone().unwrap());
                         }
-                        pump(s.clone(), client.try_clone().unwrap(), server.try_clone().unwrap(), Dir::Forward);
+                        pump(
+                            s.clone(),
+                            client.try_clone().unwrap(),
+                            server.try_clone().unwrap(),
+                            Dir::Forward,
+                        );
                         pump(s.clone(), server, client, Dir::Backward);
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -99,7 +104,8 @@ impl Proxy {
         }
     }
 
-    /// Flip one byte of the next data forwarded in `dir`.
+    /// Flip one byte in the middle of the next chunk of at least 4 KiB
+    /// forwarded in `dir` (block data, not a frame header).
     pub fn corrupt_next(&self, dir: Dir) {
         *self.state.corrupt.lock().unwrap() = Some(dir);
     }
@@ -130,7 +136,11 @@ fn pump(state: Arc<State>, mut from: TcpStream, mut to: TcpStream, dir: Dir) {
             let mode = {
                 let mut m = state.mode.lock().unwrap();
                 while *m == Mode::Stall && !state.stop.load(Ordering::Relaxed) {
-                    m = state.changed.wait_timeout(m, Duration::from_millis(50)).unwrap().0;
+                    m = state
+                        .changed
+                        .wait_timeout(m, Duration::from_millis(50))
+                        .unwrap()
+                        .0;
                 }
                 *m
             };
@@ -139,7 +149,7 @@ fn pump(state: Arc<State>, mut from: TcpStream, mut to: TcpStream, dir: Dir) {
             }
             {
                 let mut c = state.corrupt.lock().unwrap();
-                if *c == Some(dir) {
+                if *c == Some(dir) && n >= 4096 {
                     buf[n / 2] ^= 0x40;
                     *c = None;
                 }

@@ -610,7 +610,8 @@ impl<T> Node<T> {
                 self.resync_read_done(owner, start, end, result)
             }
             Purpose::ResyncWrite { start, end } => self.resync_write_done(start, end, result),
-            Purpose::TargetFlush => self.target_flush_done(result.map(drop)),
+            Purpose::TargetFlush { upto } => self.target_flush_done(upto, result.map(drop)),
+            Purpose::TargetCheckpoint { upto } => self.checkpoint_done(upto, result),
         }
     }
 

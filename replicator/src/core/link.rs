@@ -199,6 +199,8 @@ impl<T> Node<T> {
         }
         self.sync_total = 0;
         self.sync_done = 0;
+        // A sync target keeps the progress made so far.
+        self.checkpoint();
         self.event("connection");
         for (_, req) in link.reqs {
             match req {
@@ -302,7 +304,8 @@ impl<T> Node<T> {
                     // Every resync write completed before the source could
                     // see its acknowledgement; this flush makes them durable
                     // before the disk is declared UpToDate.
-                    self.submit(Device::Data, Op::Flush, Purpose::TargetFlush);
+                    let upto = self.next_clear_seq;
+                    self.submit(Device::Data, Op::Flush, Purpose::TargetFlush { upto });
                     Ok(())
                 }
                 _ => Err("ResyncDone while not sync target".to_string()),
@@ -576,7 +579,7 @@ impl<T> Node<T> {
         self.send_state();
     }
 
-    pub(super) fn target_flush_done(&mut self, result: Result<(), StorageError>) {
+    pub(super) fn target_flush_done(&mut self, upto: u64, result: Result<(), StorageError>) {
         if let Err(e) = result {
             let code = self.io_error(e);
             return self.protocol_error(format!(
@@ -587,10 +590,7 @@ impl<T> Node<T> {
             return;
         };
         // The flush covered every resync write: their marks may go now.
-        let clears = std::mem::take(&mut self.link.as_mut().expect("link").pending_clears);
-        for (s, e) in clears {
-            self.bitmap.clear(s, e);
-        }
+        self.apply_clears(upto);
         let left = self.bitmap.count();
         if left != 0 {
             warn!(

@@ -193,8 +193,16 @@ pub(super) enum Purpose<T> {
         start: u64,
         end: u64,
     },
-    /// Sync target's flush before it declares itself UpToDate.
-    TargetFlush,
+    /// Sync target's flush before it declares itself UpToDate; it covers
+    /// the resync writes before sequence `upto`.
+    TargetFlush {
+        upto: u64,
+    },
+    /// Sync target's periodic flush; then the marks of the resync writes
+    /// before sequence `upto` may go.
+    TargetCheckpoint {
+        upto: u64,
+    },
     Superblock {
         seq: u64,
     },
@@ -310,9 +318,6 @@ pub(super) struct Link {
     pub sync_uuid: Option<u64>,
     /// Target: the resync is complete on the source's side.
     pub resync_done: bool,
-    /// Target: blocks written by the resync, to clear from the bitmap once
-    /// a flush made them durable.
-    pub pending_clears: Vec<(u64, u64)>,
     /// We granted the peer a promotion and have not seen its new state.
     pub peer_promoting: bool,
 }
@@ -329,7 +334,6 @@ impl Link {
             resync: None,
             sync_uuid: None,
             resync_done: false,
-            pending_clears: Vec::new(),
             peer_promoting: false,
         }
     }
@@ -427,6 +431,12 @@ pub struct Node<T> {
     /// Blocks the running resync set out to copy, and has copied.
     pub(super) sync_total: u64,
     pub(super) sync_done: u64,
+    /// Sync target: resync writes completed but not yet known durable, as
+    /// (sequence, blocks); their marks are cleared after a flush.
+    pub(super) pending_clears: VecDeque<(u64, (u64, u64))>,
+    pub(super) next_clear_seq: u64,
+    /// A checkpoint flush is in flight.
+    pub(super) checkpointing: bool,
 }
 
 /// Who holds an active range.
@@ -493,6 +503,9 @@ impl<T> Node<T> {
             outputs: VecDeque::new(),
             sync_total: 0,
             sync_done: 0,
+            pending_clears: VecDeque::new(),
+            next_clear_seq: 0,
+            checkpointing: false,
             p: params,
         };
         node.disk = node.attach_disk_state();

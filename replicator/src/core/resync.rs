@@ -11,6 +11,8 @@
 //! Target: writes what it receives and acknowledges it, but clears its own
 //! marks only after a flush made the writes durable (`pending_clears`), so
 //! a crash of the target cannot lose a block its bitmap says is synced.
+//! The flush happens every [`CHECKPOINT_BLOCKS`] written, when the link is
+//! lost, and at the end: an interrupted resync keeps its progress.
 
 use bytes::Bytes;
 use tandem_proto::peer::Message;
@@ -24,6 +26,9 @@ use crate::storage::{Done, Op, StorageError};
 pub const CHUNK_BLOCKS: u64 = 256;
 /// Resync chunks in flight at once.
 pub const MAX_CHUNKS: usize = 8;
+/// The target checkpoints (flush, then clear marks) every this many blocks
+/// (64 MiB).
+pub const CHECKPOINT_BLOCKS: u64 = 16 * 1024;
 
 #[derive(Debug, Default)]
 pub(super) struct ResyncSource {
@@ -212,19 +217,65 @@ impl<T> Node<T> {
                 false
             }
         };
-        if let Some(link) = self.link.as_mut() {
-            if ok {
-                // Cleared only after the next flush (see the module doc).
-                link.pending_clears
-                    .push(Bitmap::blocks_of(start, end - start));
-                self.sync_done =
-                    (self.sync_done + (end - start).div_ceil(BLOCK_SIZE)).min(self.sync_total);
+        if ok {
+            // Cleared only after a flush (see the module doc).
+            let seq = self.next_clear_seq;
+            self.next_clear_seq += 1;
+            self.pending_clears
+                .push_back((seq, Bitmap::blocks_of(start, end - start)));
+            self.sync_done =
+                (self.sync_done + (end - start).div_ceil(BLOCK_SIZE)).min(self.sync_total);
+            let pending: u64 = self.pending_clears.iter().map(|(_, (s, e))| e - s).sum();
+            if pending >= CHECKPOINT_BLOCKS {
+                self.checkpoint();
             }
+        }
+        if self.link.is_some() {
             self.send(Message::ResyncAck {
                 offset: start,
                 len: (end - start) as u32,
                 ok,
             });
+        }
+    }
+
+    /// Target: flush, then clear the marks of every resync write completed
+    /// before the flush was submitted.
+    pub(super) fn checkpoint(&mut self) {
+        if self.checkpointing || self.pending_clears.is_empty() {
+            return;
+        }
+        self.checkpointing = true;
+        let upto = self.next_clear_seq;
+        self.submit(Device::Data, Op::Flush, Purpose::TargetCheckpoint { upto });
+    }
+
+    /// A flush covering the resync writes before `upto` completed.
+    pub(super) fn apply_clears(&mut self, upto: u64) {
+        while let Some(&(seq, (s, e))) = self.pending_clears.front() {
+            if seq >= upto {
+                break;
+            }
+            self.bitmap.clear(s, e);
+            self.pending_clears.pop_front();
+        }
+    }
+
+    pub(super) fn checkpoint_done(&mut self, upto: u64, result: Result<Done, StorageError>) {
+        self.checkpointing = false;
+        match result {
+            Ok(_) => {
+                self.apply_clears(upto);
+                // Keep the progress across a crash too (lazily: nothing
+                // waits for these pages).
+                let dirty: Vec<usize> = self.bitmap.dirty_pages().collect();
+                for p in dirty {
+                    self.write_page(p);
+                }
+            }
+            Err(e) => {
+                self.io_error(e);
+            }
         }
     }
 

@@ -84,16 +84,20 @@ async fn manage(
     cancel: CancellationToken,
 ) {
     let mut want = false;
-    let mut current: Option<(CancellationToken, JoinHandle<()>)> = None;
+    let mut current: Option<(u64, CancellationToken, JoinHandle<()>)> = None;
     let mut next_id = 0u64;
+    // Sessions say here when they end, so the manager wakes up to redial.
+    let (ended_tx, mut ended) = mpsc::unbounded_channel::<u64>();
     let mut retry = tokio::time::interval(settings.connect_retry);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if current.as_ref().is_some_and(|(_, h)| h.is_finished()) {
-            current = None;
-        }
         tokio::select! {
             _ = cancel.cancelled() => break,
+            Some(id) = ended.recv() => {
+                if current.as_ref().is_some_and(|(cur, _, _)| *cur == id) {
+                    current = None;
+                }
+            }
             cmd = commands.recv() => match cmd {
                 None => break,
                 Some(LinkCommand::Connect) => want = true,
@@ -117,7 +121,7 @@ async fn manage(
                         continue;
                     }
                     next_id += 1;
-                    current = Some(spawn_session(shared.clone(), settings.clone(), stream, next_id));
+                    current = Some(spawn_session(shared.clone(), settings.clone(), stream, next_id, ended_tx.clone()));
                 }
                 Err(e) => {
                     warn!("peer link accept failed: {e}");
@@ -128,7 +132,7 @@ async fn manage(
                 match tokio::time::timeout(settings.ping_timeout, TcpStream::connect(settings.peer_addr)).await {
                     Ok(Ok(stream)) => {
                         next_id += 1;
-                        current = Some(spawn_session(shared.clone(), settings.clone(), stream, next_id));
+                        current = Some(spawn_session(shared.clone(), settings.clone(), stream, next_id, ended_tx.clone()));
                     }
                     Ok(Err(e)) => debug!("cannot reach the peer at {}: {e}", settings.peer_addr),
                     Err(_) => debug!("connecting to the peer at {} timed out", settings.peer_addr),
@@ -139,8 +143,8 @@ async fn manage(
     close(&mut current).await;
 }
 
-async fn close(current: &mut Option<(CancellationToken, JoinHandle<()>)>) {
-    if let Some((cancel, handle)) = current.take() {
+async fn close(current: &mut Option<(u64, CancellationToken, JoinHandle<()>)>) {
+    if let Some((_, cancel, handle)) = current.take() {
         cancel.cancel();
         let _ = handle.await;
     }
@@ -162,14 +166,16 @@ fn spawn_session(
     settings: LinkSettings,
     stream: TcpStream,
     id: u64,
-) -> (CancellationToken, JoinHandle<()>) {
+    ended: mpsc::UnboundedSender<u64>,
+) -> (u64, CancellationToken, JoinHandle<()>) {
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     let handle = tokio::spawn(async move {
         let reason = session(&shared, &settings, stream, id, &c).await;
         shared.link_down(id, &reason);
+        let _ = ended.send(id);
     });
-    (cancel, handle)
+    (id, cancel, handle)
 }
 
 fn random_challenge() -> [u8; 32] {
