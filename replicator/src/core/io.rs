@@ -21,6 +21,7 @@ use tandem_proto::peer::message::{
 };
 use tracing::error;
 
+use super::activity::extents_of;
 use super::bitmap::Bitmap;
 use super::node::{
     ClientOp, Deferred, Device, Flush, Need, Node, PeerPart, PeerReq, Phase, Purpose, RangeOwner,
@@ -236,10 +237,22 @@ impl<T> Node<T> {
         let queue = std::mem::take(&mut self.blocked);
         let mut pages = Vec::new();
         let mut md = false;
+        let mut al_wait = false;
         for w in queue {
             let Some(write) = self.writes.get(&w) else {
                 continue;
             };
+            // The activity log lists the write's extents, durably, before
+            // the write is submitted (docs/durability.md).
+            if self.al_enabled() {
+                let ext = extents_of(write.start, write.end);
+                if !self.al.covers(ext.clone()) {
+                    self.al.request(ext);
+                    al_wait = true;
+                    self.blocked.push_back(w);
+                    continue;
+                }
+            }
             if self.replicating() {
                 if self.peer_in_flight() >= self.p.max_buffers as usize {
                     self.blocked.push_back(w); // an acknowledgement resumes
@@ -270,6 +283,11 @@ impl<T> Node<T> {
                 self.start_write(w, false);
             }
         }
+        if al_wait {
+            // A written transaction, or a finished write freeing an extent,
+            // resumes them.
+            self.al_pump();
+        }
         if !self.blocked.is_empty() && !self.resume_pending && (md || !pages.is_empty()) {
             self.resume_pending = true;
             let need = if pages.is_empty() {
@@ -292,7 +310,11 @@ impl<T> Node<T> {
         } else {
             PeerPart::None
         };
+        let al = self.al_enabled();
         let write = self.writes.get_mut(&w).expect("blocked write exists");
+        if al {
+            self.al.get(extents_of(write.start, write.end));
+        }
         write.stage = Stage::Running;
         write.peer = peer;
         let op = write.op.clone();
@@ -377,6 +399,9 @@ impl<T> Node<T> {
         let Some(write) = self.writes.remove(&w) else {
             return;
         };
+        if self.al_enabled() {
+            self.al.put(extents_of(write.start, write.end));
+        }
         if write.peer == PeerPart::Acked
             && matches!(
                 self.link.as_ref().map(|l| l.phase),
@@ -612,6 +637,19 @@ impl<T> Node<T> {
             Purpose::ResyncWrite { start, end } => self.resync_write_done(start, end, result),
             Purpose::TargetFlush { upto } => self.target_flush_done(upto, result.map(drop)),
             Purpose::TargetCheckpoint { upto } => self.checkpoint_done(upto, result),
+            Purpose::AlFlush => {
+                if let Err(e) = result {
+                    self.io_error(e);
+                }
+                self.al_flushed(true);
+            }
+            Purpose::AlWrite { number } => self.on_al_written(number, result.map(drop)),
+            Purpose::RetireFlush => {
+                if let Err(e) = result {
+                    self.io_error(e);
+                }
+                self.retire_flushed(true);
+            }
         }
     }
 

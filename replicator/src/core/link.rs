@@ -207,6 +207,8 @@ impl<T> Node<T> {
                 PeerReq::Write { w } => self.peer_write_lost(w),
                 PeerReq::Flush { f: Some(f) } => self.peer_flush_lost(f),
                 PeerReq::Flush { f: None } => {}
+                PeerReq::AlBarrier => self.al_flushed(false),
+                PeerReq::Retire => self.retire_flushed(false),
                 PeerReq::Promote { cmd, .. } => {
                     self.command_done(
                         cmd,
@@ -291,6 +293,16 @@ impl<T> Node<T> {
                         // treat it as losing the link (its writes get marked).
                         Err("the peer's flush failed".to_string())
                     }
+                }
+                Ok(PeerReq::AlBarrier | PeerReq::Retire) if !ok => Err("the peer's flush failed".to_string()),
+                Ok(r @ (PeerReq::AlBarrier | PeerReq::Retire)) => {
+                    self.link.as_mut().expect("link").tl.flushed(id);
+                    if r == PeerReq::AlBarrier {
+                        self.al_flushed(false);
+                    } else {
+                        self.retire_flushed(false);
+                    }
+                    Ok(())
                 }
                 Ok(_) => Err("FlushAck for a request that is not a flush".into()),
                 Err(e) => Err(e),

@@ -10,11 +10,14 @@
 //!   metadata write fails the disk is Failed and waiting commands fail.
 
 use bytes::Bytes;
-use tracing::error;
+use tandem_proto::peer::Message;
+use tracing::{error, warn};
 
-use super::node::{Deferred, Device, Need, Node, Purpose};
+use super::activity::AlStage;
+use super::node::{Deferred, Device, Need, Node, PeerReq, Purpose, Retiring};
 use super::states::DiskState;
-use crate::metadata::BLOCK_SIZE;
+use crate::metadata::activity_log::AL_EXTENT_SIZE;
+use crate::metadata::{BLOCK_SIZE, MdFlags};
 use crate::storage::{Op, StorageError};
 
 impl<T> Node<T> {
@@ -143,7 +146,7 @@ impl<T> Node<T> {
         self.check_waits();
     }
 
-    fn metadata_failed(&mut self, e: &StorageError) {
+    pub(super) fn metadata_failed(&mut self, e: &StorageError) {
         error!("metadata write failed: {e}; the disk is Failed");
         self.set_disk(DiskState::Failed);
         // Nothing waiting on metadata can succeed now.
@@ -184,6 +187,173 @@ impl<T> Node<T> {
             Deferred::TargetFinished => self.target_finished(),
             Deferred::SourceFinished => self.source_finished(),
             Deferred::SendState => self.send_state(),
+            Deferred::Goodbye => {
+                if self.link.is_some() {
+                    let reason = format!("node {} is stopping", self.p.node);
+                    self.send(Message::Disconnect { reason });
+                }
+            }
+            Deferred::AlApplied => {
+                self.md.flags.set(MdFlags::AL_CLEAN, true);
+                self.persist();
+            }
+        }
+    }
+
+    // ----- activity log -----------------------------------------------------
+
+    /// Whether writes go through the activity log (a resource with a peer;
+    /// a single node has nobody to differ from).
+    pub(super) fn al_enabled(&self) -> bool {
+        self.p.peer.is_some()
+    }
+
+    /// After a crash while the log was live: mark every extent it lists out
+    /// of sync (durably), then record that it was applied.
+    pub(super) fn apply_al(&mut self) {
+        let extents: Vec<u32> = self.al.durable_extents().collect();
+        let blocks = self.bitmap.blocks();
+        let per = AL_EXTENT_SIZE / BLOCK_SIZE;
+        for &e in &extents {
+            let start = u64::from(e) * per;
+            if start < blocks {
+                self.bitmap.set(start, (start + per).min(blocks));
+            }
+        }
+        warn!(
+            "the activity log was live when {} stopped: marking its {} extents ({} MiB) out of sync",
+            self.p.node,
+            extents.len(),
+            extents.len() as u64 * AL_EXTENT_SIZE >> 20
+        );
+        let seq = self.md.sequence;
+        self.wait(Need::Everything(seq), Deferred::AlApplied);
+    }
+
+    /// Start the next activity-log transaction if one is needed. One that
+    /// drops extents first flushes this node and, while replicating, the
+    /// peer: the writes to a dropped extent must be durable on both, or a
+    /// crash could hide a difference the log no longer covers.
+    pub(super) fn al_pump(&mut self) {
+        if self.al_pending.is_some() {
+            return;
+        }
+        let Some((t, evicts)) = self.al.next_transaction() else {
+            return;
+        };
+        self.al_pending = Some(t);
+        if !evicts {
+            return self.al_write();
+        }
+        let peer = if self.replicating() {
+            let link = self.link.as_mut().expect("replicating");
+            let id = link.req(PeerReq::AlBarrier);
+            link.tl.close(id);
+            self.send(Message::Flush { id });
+            Some(id)
+        } else {
+            None
+        };
+        if let Some(stage) = self.al.stage_mut() {
+            *stage = AlStage::Flushing { local: true, peer };
+        }
+        self.submit(Device::Data, Op::Flush, Purpose::AlFlush);
+    }
+
+    fn al_write(&mut self) {
+        let Some(t) = self.al_pending.as_ref() else {
+            return;
+        };
+        let number = t.number;
+        let offset = self.md.layout.al_offset() + t.slot() * BLOCK_SIZE;
+        let data = Bytes::from(t.encode());
+        if let Some(stage) = self.al.stage_mut() {
+            *stage = AlStage::Writing;
+        }
+        self.submit(
+            Device::Meta,
+            Op::Write {
+                offset,
+                data,
+                fua: true,
+            },
+            Purpose::AlWrite { number },
+        );
+    }
+
+    /// One of the flushes before an eviction finished (`local`: ours;
+    /// otherwise the peer's, or the link went).
+    pub(super) fn al_flushed(&mut self, local: bool) {
+        let Some(AlStage::Flushing { local: l, peer }) = self.al.stage_mut() else {
+            return;
+        };
+        if local {
+            *l = false;
+        } else {
+            *peer = None;
+        }
+        if !*l && peer.is_none() {
+            self.al_write();
+        }
+    }
+
+    pub(super) fn on_al_written(&mut self, number: u64, result: Result<(), StorageError>) {
+        match result {
+            Ok(()) => self.al.written(number),
+            Err(e) => self.metadata_failed(&e),
+        }
+        self.al_pending = None;
+        self.resume();
+        self.al_pump();
+    }
+
+    // ----- retiring the log (clean stop, demotion) ---------------------------
+
+    /// Flush this node and, while replicating, the peer; then mark the log
+    /// clean (it need not be applied after a crash) and run `then` once
+    /// that and every bitmap page are durable.
+    pub(super) fn retire(&mut self, then: Deferred) {
+        if let Some(r) = self.retiring.as_mut() {
+            r.then.push(then);
+            return;
+        }
+        let peer = if self.link.as_ref().is_some_and(|l| l.peer.is_some()) {
+            let link = self.link.as_mut().expect("link");
+            let id = link.req(PeerReq::Retire);
+            link.tl.close(id);
+            self.send(Message::Flush { id });
+            Some(id)
+        } else {
+            None
+        };
+        self.retiring = Some(Retiring {
+            local: true,
+            peer,
+            then: vec![then],
+        });
+        self.submit(Device::Data, Op::Flush, Purpose::RetireFlush);
+    }
+
+    /// One of the retirement flushes finished (or the link went).
+    pub(super) fn retire_flushed(&mut self, local: bool) {
+        let Some(r) = self.retiring.as_mut() else {
+            return;
+        };
+        if local {
+            r.local = false;
+        } else {
+            r.peer = None;
+        }
+        if r.local || r.peer.is_some() {
+            return;
+        }
+        let r = self.retiring.take().expect("retiring");
+        if self.al_enabled() {
+            self.md.flags.set(MdFlags::AL_CLEAN, true);
+        }
+        let seq = self.persist();
+        for then in r.then {
+            self.wait(Need::Everything(seq), then);
         }
     }
 }

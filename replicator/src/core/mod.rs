@@ -17,6 +17,7 @@
 //!   both being written (a crash leaves one intact);
 //! - a client request is answered exactly once.
 
+pub mod activity;
 pub mod bitmap;
 mod epochs;
 pub mod generations;

@@ -12,6 +12,7 @@ use tandem_proto::nbd::ErrorCode;
 use tandem_proto::peer::Message;
 use tracing::{info, warn};
 
+use super::activity::ActivityLog;
 use super::bitmap::Bitmap;
 use super::epochs::TransferLog;
 use super::generations::Direction;
@@ -20,6 +21,7 @@ use super::resync::ResyncSource;
 use super::rng::SplitMix64;
 use super::states::{ConnState, DiskState, ReplState, Role};
 use crate::config::{Fencing, OnIoError};
+use crate::metadata::activity_log::AlTransaction;
 use crate::metadata::{BLOCK_SIZE, MdFlags, Superblock};
 use crate::status::{Counters, EngineStatus, GenerationStatus, PeerStatus, Status, SyncProgress};
 use crate::storage::Op;
@@ -35,6 +37,8 @@ pub struct NodeParams {
     pub on_io_error: OnIoError,
     /// Requests in flight toward the peer (`[net] max-buffers`).
     pub max_buffers: u32,
+    /// Extents in the activity log.
+    pub al_extents: usize,
     /// Seed for generation identifiers.
     pub seed: u64,
 }
@@ -210,6 +214,13 @@ pub(super) enum Purpose<T> {
         page: usize,
         version: u64,
     },
+    /// The flush before an activity-log transaction that evicts extents.
+    AlFlush,
+    AlWrite {
+        number: u64,
+    },
+    /// The local flush before a clean stop or demotion retires the log.
+    RetireFlush,
 }
 
 /// What a client write is waiting for.
@@ -274,6 +285,10 @@ pub(super) enum PeerReq {
         cmd: u64,
         force: bool,
     },
+    /// The peer flush before an activity-log eviction.
+    AlBarrier,
+    /// The peer flush before a clean stop or demotion.
+    Retire,
 }
 
 /// The connection handshake and replication phase.
@@ -387,6 +402,10 @@ pub(super) enum Deferred {
     SourceFinished,
     /// State changed durably; tell the peer.
     SendState,
+    /// The crashed Primary's activity-log regions are durably marked.
+    AlApplied,
+    /// Tell the peer we are stopping.
+    Goodbye,
 }
 
 pub struct Node<T> {
@@ -437,6 +456,20 @@ pub struct Node<T> {
     pub(super) next_clear_seq: u64,
     /// A checkpoint flush is in flight.
     pub(super) checkpointing: bool,
+    pub(super) al: ActivityLog,
+    /// The activity-log transaction waiting for its flushes, or in flight.
+    pub(super) al_pending: Option<AlTransaction>,
+    /// A retirement in progress: flushes outstanding on this node and the
+    /// peer, and what runs once everything is flushed and recorded.
+    pub(super) retiring: Option<Retiring>,
+}
+
+/// Flushing both nodes before the activity log is marked clean.
+#[derive(Debug, Default)]
+pub(super) struct Retiring {
+    pub local: bool,
+    pub peer: Option<u64>,
+    pub then: Vec<Deferred>,
 }
 
 /// Who holds an active range.
@@ -468,9 +501,14 @@ pub(super) fn disk_from_code(c: u8) -> DiskState {
 }
 
 impl<T> Node<T> {
-    /// Attach a disk whose superblock is `md` and whose on-disk bitmap is
-    /// `bitmap` (read at start).
-    pub fn new(params: NodeParams, md: Superblock, bitmap: Bitmap) -> Self {
+    /// Attach a disk: its superblock, on-disk bitmap and newest activity-log
+    /// transaction, read at start.
+    pub fn new(
+        params: NodeParams,
+        md: Superblock,
+        bitmap: Bitmap,
+        al: Option<AlTransaction>,
+    ) -> Self {
         let mut node = Node {
             role: Role::Secondary,
             disk: DiskState::Inconsistent,
@@ -506,6 +544,9 @@ impl<T> Node<T> {
             pending_clears: VecDeque::new(),
             next_clear_seq: 0,
             checkpointing: false,
+            al: ActivityLog::new(params.al_extents, al.as_ref()),
+            al_pending: None,
+            retiring: None,
             p: params,
         };
         node.disk = node.attach_disk_state();
@@ -519,6 +560,9 @@ impl<T> Node<T> {
             node.md.flags.set(MdFlags::PRIMARY_IND, false);
             node.md.flags.set(MdFlags::CRASHED_PRIMARY, true);
             node.persist();
+        }
+        if !node.md.flags.has(MdFlags::AL_CLEAN) && node.p.peer.is_some() {
+            node.apply_al();
         }
         info!(
             "attached disk: {} (generation {:016x}, {} blocks out of sync)",
@@ -723,6 +767,10 @@ impl<T> Node<T> {
         }
         self.md.flags.set(MdFlags::PRIMARY_IND, true);
         self.md.flags.set(MdFlags::CRASHED_PRIMARY, false);
+        if self.al_enabled() {
+            // From now on the log is live: a crash must apply it.
+            self.md.flags.set(MdFlags::AL_CLEAN, false);
+        }
         let seq = self.persist();
         self.wait(Need::Md(seq), Deferred::BecomePrimary { cmd, connected });
     }
@@ -755,41 +803,31 @@ impl<T> Node<T> {
         info!("{} is now Secondary", self.p.node);
         self.event("role");
         self.md.flags.set(MdFlags::PRIMARY_IND, false);
-        let seq = self.persist();
-        self.wait(
-            Need::Md(seq),
-            Deferred::CommandOk {
-                cmd,
-                message: "now Secondary",
-            },
-        );
-        self.wait(Need::Md(seq), Deferred::SendState);
+        // Both nodes flush what this Primary wrote before the log is
+        // retired and the demotion answered.
+        self.retire(Deferred::CommandOk {
+            cmd,
+            message: "now Secondary",
+        });
+        self.retire(Deferred::SendState);
         Ok(())
     }
 
     fn stop(&mut self, cmd: u64) -> Result<(), CommandError> {
         self.stopping = true;
-        if self.link.is_some() {
-            self.send(Message::Disconnect {
-                reason: format!("node {} is stopping", self.p.node),
-            });
-        }
         if self.role == Role::Primary {
             self.role = Role::Secondary;
             self.event("role");
         }
         self.md.flags.set(MdFlags::PRIMARY_IND, false);
-        self.md.flags.set(MdFlags::AL_CLEAN, true);
-        let seq = self.persist();
-        // Cleared bits are written too: the bitmap on disk is exact after a
-        // clean stop.
-        self.wait(
-            Need::Everything(seq),
-            Deferred::CommandOk {
-                cmd,
-                message: "stopped",
-            },
-        );
+        // Both nodes flush, the log is retired, and every bitmap page (the
+        // cleared marks too) is written: the disk is exact after a clean
+        // stop.
+        self.retire(Deferred::Goodbye);
+        self.retire(Deferred::CommandOk {
+            cmd,
+            message: "stopped",
+        });
         Ok(())
     }
 

@@ -157,6 +157,7 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         .with_context(|| format!("no usable metadata for disk {}", node.disk.display()))?;
     let bitmap_bytes = offline::read_bitmap(&loc, &sb.layout).context("cannot read the bitmap")?;
     let bitmap = Bitmap::from_bytes(sb.layout.data_blocks(), &bitmap_bytes);
+    let al = offline::read_al(&loc, &sb.layout).context("cannot read the activity log")?;
     if sb.resource != config.resource.name || sb.node != node.name {
         bail!(
             "the metadata on {} belongs to resource {:?} node {:?}, but this is resource {:?} node {:?}; check `disk` in {} (or re-create the metadata with `repctl create-md --force`)",
@@ -207,6 +208,7 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         fencing: config.resource.fencing,
         on_io_error: config.disk.on_io_error,
         max_buffers: config.net.max_buffers,
+        al_extents: crate::core::activity::DEFAULT_AL_EXTENTS,
         seed: os_random_u64(),
     };
     let data_size = sb.layout.data_size;
@@ -216,8 +218,11 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let stop = runtime.block_on(async {
-        let (shared, link_commands) =
-            Shared::new(Node::new(params, sb, bitmap), storage.clone(), meta.clone());
+        let (shared, link_commands) = Shared::new(
+            Node::new(params, sb, bitmap, al),
+            storage.clone(),
+            meta.clone(),
+        );
         serve(&config, &node, shared, link_commands, data_size).await
     });
     // `serve` has let go of the node; once the engines have drained, these

@@ -23,6 +23,8 @@ use crate::core::rng::SplitMix64;
 use crate::core::{
     ClientOp, Command, CommandError, Device, IoResult, LinkCommand, Node, NodeParams, Output,
 };
+use crate::metadata::activity_log::AlTransaction;
+use crate::metadata::layout::AL_RING_BLOCKS;
 use crate::metadata::{Generations, Layout, MdFlags, Superblock};
 use crate::storage::Op;
 use disk::SimDisk;
@@ -82,7 +84,7 @@ pub fn format(disk: &mut SimDisk, node: &str) -> Superblock {
 }
 
 /// Read the metadata a node would find at start.
-pub fn load(disk: &SimDisk) -> (Superblock, Bitmap) {
+pub fn load(disk: &SimDisk) -> (Superblock, Bitmap, Option<AlTransaction>) {
     let layout = Layout::internal(disk.size()).expect("layout");
     let block = |off: u64| &disk.contents()[off as usize..off as usize + 4096];
     let sb = Superblock::choose(
@@ -95,7 +97,8 @@ pub fn load(disk: &SimDisk) -> (Superblock, Bitmap) {
         layout.data_blocks(),
         &disk.contents()[start..start + layout.bitmap_size() as usize],
     );
-    (sb, bm)
+    let slots = (0..AL_RING_BLOCKS).map(|i| block(layout.al_offset() + i * 4096));
+    (sb, bm, AlTransaction::newest(slots))
 }
 
 impl SimCluster {
@@ -112,6 +115,7 @@ impl SimCluster {
                 fencing,
                 on_io_error: OnIoError::Detach,
                 max_buffers: 64,
+                al_extents: 4,
                 seed: seed.wrapping_mul(31).wrapping_add(i as u64),
             };
             SimNode {
@@ -153,8 +157,8 @@ impl SimCluster {
     /// Start node `i` from what its disk holds.
     pub fn start(&mut self, i: usize) {
         assert!(self.nodes[i].core.is_none());
-        let (sb, bm) = load(&self.nodes[i].disk);
-        let core = Node::new(self.nodes[i].params.clone(), sb, bm);
+        let (sb, bm, al) = load(&self.nodes[i].disk);
+        let core = Node::new(self.nodes[i].params.clone(), sb, bm, al);
         self.nodes[i].core = Some(core);
         self.log(format!("start {}", NAMES[i]));
         self.drain(i);
