@@ -224,7 +224,7 @@ impl<T> Node<T> {
             "the activity log was live when {} stopped: marking its {} extents ({} MiB) out of sync",
             self.p.node,
             extents.len(),
-            extents.len() as u64 * AL_EXTENT_SIZE >> 20
+            (extents.len() as u64 * AL_EXTENT_SIZE) >> 20
         );
         let seq = self.md.sequence;
         self.wait(Need::Everything(seq), Deferred::AlApplied);
