@@ -445,3 +445,113 @@ fn test_engine() -> tandem_replicator::status::EngineStatus {
         dsync_writes: 0,
     }
 }
+
+/// A synced pair with `fencing`.
+fn fenced_pair(seed: u64, fencing: Fencing) -> SimCluster {
+    let mut c = SimCluster::new(seed, SIZE, fencing);
+    let p = c.command(0, Command::Primary { force: true });
+    c.settle();
+    ok(&c, p);
+    assert_eq!(c.core(1).disk(), DiskState::UpToDate);
+    c
+}
+
+#[test]
+fn resource_and_stonith_suspends_until_the_peer_is_fenced() {
+    let mut fenced = 0;
+    let mut stuck = 0;
+    for seed in 0..40 {
+        let mut c = fenced_pair(seed, Fencing::ResourceAndStonith);
+        let w = c.write(0, 0, &[9; 4096], false);
+        // The link goes while the write is in flight.
+        c.step();
+        c.partition();
+        let later = c.write(0, 8192, &[8; 4096], false);
+        // Everything but the handler settles: nothing is answered yet.
+        while c.step_except_handlers() {}
+        assert!(c.core(0).status(test_engine()).io_suspended, "seed {seed}");
+        if c.answer(later).is_some() {
+            panic!("seed {seed}: answered while suspended");
+        }
+        c.settle(); // the handler runs: STONITH of beta, or failure
+        if c.running(1) {
+            stuck += 1;
+            // Not confirmed: still suspended, nothing answered.
+            assert!(c.core(0).status(test_engine()).io_suspended, "seed {seed}");
+            assert!(c.answer(later).is_none(), "seed {seed}");
+            // The operator powers beta off and confirms.
+            c.crash(1);
+            let f = c.command(0, Command::FenceConfirm);
+            c.settle();
+            ok(&c, f);
+        } else {
+            fenced += 1;
+        }
+        assert!(!c.core(0).status(test_engine()).io_suspended, "seed {seed}");
+        io_ok(&c, later);
+        if let Some(Answer::Io(r)) = c.answer(w) {
+            assert!(r.is_ok());
+        }
+    }
+    assert!(
+        fenced > 0 && stuck > 0,
+        "both outcomes exercised: {fenced} fenced, {stuck} stuck"
+    );
+}
+
+#[test]
+fn a_disconnected_node_is_promoted_only_after_fencing() {
+    for seed in 0..30 {
+        let mut c = fenced_pair(seed, Fencing::ResourceOnly);
+        c.partition();
+        // Alpha runs fence-peer for losing its peer; it may power beta off.
+        c.settle();
+        if !c.running(1) {
+            c.start(1); // beta reboots, isolated
+        }
+        let p = c.command(1, Command::Primary { force: false });
+        c.settle();
+        match c.answer(p) {
+            Some(Answer::Command(Ok(_))) => {
+                // Only if fence-peer really powered alpha off.
+                assert!(
+                    !c.running(0),
+                    "seed {seed}: promoted while alpha runs unfenced"
+                );
+                assert_eq!(c.core(1).role(), Role::Primary);
+            }
+            Some(Answer::Command(Err(e))) => {
+                assert!(e.refused, "seed {seed}: {e:?}");
+                assert_eq!(c.core(1).role(), Role::Secondary);
+            }
+            other => panic!("seed {seed}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_rebooted_isolated_secondary_cannot_promote_itself() {
+    let mut c = fenced_pair(3, Fencing::ResourceOnly);
+    c.partition();
+    c.settle();
+    if c.running(1) {
+        c.crash(1);
+    }
+    c.start(1);
+    assert_eq!(c.core(1).disk(), DiskState::Consistent);
+    let p = c.command(1, Command::Primary { force: false });
+    c.settle();
+    match c.answer(p) {
+        Some(Answer::Command(Err(e))) => assert!(e.refused, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    // fence-confirm after powering alpha off makes it UpToDate and promotable.
+    c.crash(0);
+    let f = c.command(1, Command::FenceConfirm);
+    c.settle();
+    ok(&c, f);
+    assert_eq!(c.core(1).disk(), DiskState::UpToDate);
+    let p = c.command(1, Command::Primary { force: false });
+    c.settle();
+    ok(&c, p);
+}

@@ -30,6 +30,7 @@ pub enum Request {
         #[serde(default)]
         clear_bitmap: bool,
     },
+    FenceConfirm,
 }
 
 /// The answer to a request. `refused` marks a safety rule (exit 3).

@@ -38,6 +38,12 @@ const MAX_EPOCH_WRITES: usize = 1024;
 
 impl<T> Node<T> {
     pub fn handle_client(&mut self, token: T, op: ClientOp) {
+        if self.io_suspended {
+            // resource-and-stonith: nothing is answered until fencing
+            // confirms the peer cannot write (fencing.rs).
+            self.frozen.push_back((token, op));
+            return;
+        }
         if let Err(e) = self.check_client(&op) {
             self.outputs.push_back(super::node::Output::Reply {
                 token,
@@ -231,7 +237,7 @@ impl<T> Node<T> {
     /// never overlap (overlaps wait for their range), so they may start in
     /// any order.
     pub(super) fn resume(&mut self) {
-        if self.handshaking() {
+        if self.handshaking() || self.io_suspended {
             return;
         }
         let queue = std::mem::take(&mut self.blocked);
@@ -382,6 +388,11 @@ impl<T> Node<T> {
         {
             return;
         }
+        if write.peer == PeerPart::Lost && self.io_suspended {
+            // Answering now could lose the write if the peer takes over.
+            self.held_writes.push(w);
+            return;
+        }
         if write.peer == PeerPart::Lost {
             // The peer may not have it: mark the blocks, durably, before
             // the client hears it succeeded.
@@ -428,7 +439,7 @@ impl<T> Node<T> {
         self.pump();
     }
 
-    fn maybe_complete_flush(&mut self, f: u64) {
+    pub(super) fn maybe_complete_flush(&mut self, f: u64) {
         let Some(flush) = self.flushes.get(&f) else {
             return;
         };
@@ -437,6 +448,8 @@ impl<T> Node<T> {
         }
         if self.replicating() || self.p.peer.is_none() {
             self.finish_flush(f);
+        } else if self.io_suspended {
+            self.held_flushes.push(f);
         } else {
             // Without the peer's flush, the flush stands for "durable here,
             // and every block the peer may lack is durably marked".

@@ -27,6 +27,7 @@ use tandem_proto::peer::message::{
 use tandem_proto::peer::{Message, PeerState};
 use tracing::{error, info, warn};
 
+use super::fencing::Handler;
 use super::generations::{Decision, Direction, Disks, Side, UUID_NEW_BM_OFFSET, compare, resolve};
 use super::node::{
     CommandError, Deferred, Device, Link, LinkCommand, Need, Node, Output, PeerInfo, PeerReq,
@@ -186,16 +187,12 @@ impl<T> Node<T> {
                 self.release_range(owner, start, end);
             }
         }
-        // Losing the peer while Primary starts a new generation (DRBD), so
-        // the peer's copy is recognisably older; it is durable before any
-        // write the peer does not get is submitted (degraded_seq).
-        if was_replicating
-            && self.role == Role::Primary
-            && self.disk == DiskState::UpToDate
-            && self.md.generations.bitmap == 0
-        {
-            self.new_current_generation();
-            self.degraded_seq = self.persist();
+        // A Primary that lost the peer it replicated to rotates its
+        // generation and, with fencing, runs fence-peer (and with
+        // resource-and-stonith suspends I/O first, so the writes whose peer
+        // half was lost below are held, not answered).
+        if was_replicating && self.role == Role::Primary {
+            self.lost_peer_as_primary();
         }
         self.sync_total = 0;
         self.sync_done = 0;
@@ -446,6 +443,11 @@ impl<T> Node<T> {
             me_primary: self.role == Role::Primary,
         };
         let decision = resolve(&c, &disks);
+        if self.md.flags.has(MdFlags::PEER_OUT_DATED) {
+            // Connected again: what fencing said about the peer is history.
+            self.md.flags.set(MdFlags::PEER_OUT_DATED, false);
+            self.persist();
+        }
         let g = &self.md.generations;
         info!(
             "generation handshake with {peer_name}: self {:016x}:{:016x}:{:016x}:{:016x} peer {:016x}:{:016x}:{:016x}:{:016x}: {:?} by rule {} -> {:?}",
@@ -503,6 +505,7 @@ impl<T> Node<T> {
                 );
                 self.split_brain = true;
                 self.event("split-brain");
+                self.run_handler(Handler::SplitBrain);
                 self.stand_alone(format!("split-brain detected by rule {}", c.rule));
             }
             Decision::Refuse(reason) => {
@@ -720,9 +723,20 @@ impl<T> Node<T> {
         }
         if discard_my_data {
             if self.role == Role::Primary {
-                return Err(CommandError::refused(
-                    "a Primary cannot discard its data; demote it (`repctl secondary`) first",
-                ));
+                if self.nbd_clients > 0 {
+                    return Err(CommandError::refused(format!(
+                        "this node is Primary with {} NBD client(s) attached; its data cannot be discarded under them: \
+                         stop the clients, then run `repctl connect --discard-my-data` again",
+                        self.nbd_clients
+                    )));
+                }
+                // The node whose changes are to be dropped is usually one of
+                // the two force-promoted Primaries: demote it on the way.
+                warn!("connect --discard-my-data on a Primary: demoting it first");
+                self.role = Role::Secondary;
+                self.event("role");
+                self.md.flags.set(MdFlags::PRIMARY_IND, false);
+                self.persist();
             }
             self.discard_my_data = true;
         }

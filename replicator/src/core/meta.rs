@@ -14,8 +14,9 @@ use tandem_proto::peer::Message;
 use tracing::{error, warn};
 
 use super::activity::AlStage;
-use super::node::{Deferred, Device, Need, Node, PeerReq, Purpose, Retiring};
+use super::node::{CommandError, Deferred, Device, Need, Node, PeerReq, Purpose, Retiring};
 use super::states::DiskState;
+use super::states::Role;
 use crate::metadata::activity_log::AL_EXTENT_SIZE;
 use crate::metadata::{BLOCK_SIZE, MdFlags};
 use crate::storage::{Op, StorageError};
@@ -187,6 +188,21 @@ impl<T> Node<T> {
             Deferred::TargetFinished => self.target_finished(),
             Deferred::SourceFinished => self.source_finished(),
             Deferred::SendState => self.send_state(),
+            Deferred::PromoteFenced { cmd } => {
+                let ok = result.and_then(|()| self.check_promotable(false).map_err(|e| e.message));
+                match ok {
+                    Ok(()) if self.role != Role::Primary && self.link.is_none() => {
+                        self.do_promote(cmd, false, false)
+                    }
+                    Ok(()) => self.command_done(
+                        cmd,
+                        Err(CommandError::failed(
+                            "the situation changed while fencing ran; retry",
+                        )),
+                    ),
+                    Err(m) => self.command_done(cmd, Err(CommandError::failed(m))),
+                }
+            }
             Deferred::Goodbye => {
                 if self.link.is_some() {
                     let reason = format!("node {} is stopping", self.p.node);

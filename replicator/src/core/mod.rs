@@ -20,6 +20,7 @@
 pub mod activity;
 pub mod bitmap;
 mod epochs;
+pub mod fencing;
 pub mod generations;
 mod io;
 mod link;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use super::activity::ActivityLog;
 use super::bitmap::Bitmap;
 use super::epochs::TransferLog;
+use super::fencing::{FenceFor, Handler};
 use super::generations::Direction;
 use super::ranges::ActiveRanges;
 use super::resync::ResyncSource;
@@ -92,6 +93,8 @@ pub enum Command {
     NewCurrentUuid {
         clear_bitmap: bool,
     },
+    /// The operator states that the (disconnected) peer is powered off.
+    FenceConfirm,
 }
 
 /// Why a command failed. `refused` marks a safety rule (exit status 3); the
@@ -162,6 +165,9 @@ pub enum Output<T> {
     Link(LinkCommand),
     /// The user-visible state changed; publish an event.
     StateChanged { event: &'static str },
+    /// Run a configured handler; report its exit with
+    /// [`Node::handle_handler_exit`].
+    RunHandler { id: u64, handler: Handler },
 }
 
 /// Why a storage op was submitted.
@@ -406,6 +412,10 @@ pub(super) enum Deferred {
     AlApplied,
     /// Tell the peer we are stopping.
     Goodbye,
+    /// Fencing confirmed for a pending promotion: go on with it.
+    PromoteFenced {
+        cmd: u64,
+    },
 }
 
 pub struct Node<T> {
@@ -462,6 +472,15 @@ pub struct Node<T> {
     /// A retirement in progress: flushes outstanding on this node and the
     /// peer, and what runs once everything is flushed and recorded.
     pub(super) retiring: Option<Retiring>,
+    /// Client I/O is suspended until fencing confirms (resource-and-stonith).
+    pub(super) io_suspended: bool,
+    /// Client requests that arrived while suspended, in order.
+    pub(super) frozen: VecDeque<(T, ClientOp)>,
+    /// Writes and flushes whose answers wait for the suspension to end.
+    pub(super) held_writes: Vec<u64>,
+    pub(super) held_flushes: Vec<u64>,
+    /// fence-peer runs in progress.
+    pub(super) fencing: Vec<(u64, FenceFor)>,
 }
 
 /// Flushing both nodes before the activity log is marked clean.
@@ -547,6 +566,11 @@ impl<T> Node<T> {
             al: ActivityLog::new(params.al_extents, al.as_ref()),
             al_pending: None,
             retiring: None,
+            io_suspended: false,
+            frozen: VecDeque::new(),
+            held_writes: Vec::new(),
+            held_flushes: Vec::new(),
+            fencing: Vec::new(),
             p: params,
         };
         node.disk = node.attach_disk_state();
@@ -697,6 +721,7 @@ impl<T> Node<T> {
             Command::Disconnect => self.disconnect(id),
             Command::Invalidate => self.invalidate(id),
             Command::NewCurrentUuid { clear_bitmap } => self.new_current_uuid(id, clear_bitmap),
+            Command::FenceConfirm => self.fence_confirm(id),
         };
         if let Err(e) = result {
             self.command_done(id, Err(e));
@@ -722,6 +747,22 @@ impl<T> Node<T> {
             }
         }
         self.check_promotable(force)?;
+        if self.link.is_none() && self.fencing_on() && !self.peer_known_outdated() {
+            if force {
+                warn!(
+                    "primary --force on {} without fencing confirmation: if the peer is alive and writing, this is a split-brain",
+                    self.p.node
+                );
+            } else {
+                // Rule 2: a node that cannot see its peer becomes Primary only
+                // once fencing confirmed the peer cannot write.
+                info!(
+                    "promotion while disconnected: asking fence-peer to confirm the peer is outdated or dead"
+                );
+                self.start_fencing(FenceFor::Promote { cmd });
+                return Ok(());
+            }
+        }
         if let Some(link) = &mut self.link {
             // Ask the peer first: it grants only if it is not Primary and not
             // being promoted itself, so two promotions cannot both succeed.
@@ -922,7 +963,7 @@ impl<T> Node<T> {
             disk: self.disk,
             size_bytes: self.size(),
             nbd_clients: self.nbd_clients,
-            io_suspended: false,
+            io_suspended: self.io_suspended,
             connection: self.conn,
             replication: self.replication(),
             peer,

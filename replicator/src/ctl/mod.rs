@@ -85,6 +85,9 @@ pub enum Cmd {
         #[arg(long)]
         clear_bitmap: bool,
     },
+    /// State that the disconnected peer is powered off, so this node may
+    /// become Primary (and a suspended Primary resumes I/O).
+    FenceConfirm,
     /// Wait until the link to the peer is Connected.
     WaitConnect {
         /// Give up after this long (e.g. 30s, 2m) with exit status 1.
@@ -172,6 +175,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Disconnect => simple(&node.control, &Request::Disconnect),
         Cmd::Invalidate => simple(&node.control, &Request::Invalidate),
+        Cmd::FenceConfirm => simple(&node.control, &Request::FenceConfirm),
         Cmd::NewCurrentUuid { clear_bitmap } => {
             simple(&node.control, &Request::NewCurrentUuid { clear_bitmap })
         }

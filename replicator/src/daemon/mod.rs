@@ -212,6 +212,19 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         seed: os_random_u64(),
     };
     let data_size = sb.layout.data_size;
+    let mut env = vec![
+        ("TANDEM_RESOURCE".to_string(), config.resource.name.clone()),
+        ("TANDEM_NODE".to_string(), node.name.clone()),
+    ];
+    if let Some(peer) = config.peer_of(&node.name) {
+        env.push(("TANDEM_PEER".to_string(), peer.name.clone()));
+        env.push(("TANDEM_PEER_ADDRESS".to_string(), peer.address.to_string()));
+    }
+    let handlers = shared::Handlers {
+        fence_peer: config.handlers.fence_peer.clone(),
+        split_brain: config.handlers.split_brain.clone(),
+        env,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("repd")
@@ -222,6 +235,7 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
             Node::new(params, sb, bitmap, al),
             storage.clone(),
             meta.clone(),
+            handlers,
         );
         serve(&config, &node, shared, link_commands, data_size).await
     });

@@ -19,9 +19,11 @@ use std::time::Instant;
 use tandem_proto::peer::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::core::fencing::Handler;
 use crate::core::{Command, CommandError, Device, IoResult, LinkCommand, Node, Output};
 use crate::status::{EngineStatus, Status};
 use crate::storage::{Op, Storage};
+use tracing::{error, info, warn};
 
 /// How a client request's answer gets back to the waiting NBD task.
 pub type Token = oneshot::Sender<IoResult>;
@@ -43,8 +45,18 @@ pub struct NetCounters {
     pub received: AtomicU64,
 }
 
+/// The configured handler programs and their environment.
+#[derive(Debug, Clone, Default)]
+pub struct Handlers {
+    pub fence_peer: Option<std::path::PathBuf>,
+    pub split_brain: Option<std::path::PathBuf>,
+    /// `TANDEM_RESOURCE`, `TANDEM_NODE`, `TANDEM_PEER`, `TANDEM_PEER_ADDRESS`.
+    pub env: Vec<(String, String)>,
+}
+
 pub struct Shared {
     inner: Mutex<Inner>,
+    handlers: Handlers,
     storage: Storage,
     /// The metadata device's storage (the same as `storage` when internal).
     meta: Storage,
@@ -68,6 +80,10 @@ enum Action {
         result: Result<String, CommandError>,
     },
     Link(LinkCommand),
+    Handler {
+        id: u64,
+        handler: Handler,
+    },
 }
 
 impl Shared {
@@ -77,6 +93,7 @@ impl Shared {
         core: Node<Token>,
         storage: Storage,
         meta: Storage,
+        handlers: Handlers,
     ) -> (Arc<Shared>, mpsc::UnboundedReceiver<LinkCommand>) {
         let (events, _) = broadcast::channel(1024);
         let (link_cmds, rx) = mpsc::unbounded_channel();
@@ -88,6 +105,7 @@ impl Shared {
                 link_tx: None,
                 rate: VecDeque::new(),
             }),
+            handlers,
             storage,
             meta,
             events,
@@ -209,6 +227,7 @@ impl Shared {
                     }
                     actions.push(Action::Link(cmd));
                 }
+                Output::RunHandler { id, handler } => actions.push(Action::Handler { id, handler }),
                 Output::StateChanged { event } => {
                     let status = self.status_locked(inner);
                     let _ = self.events.send(event_line(event, &status));
@@ -241,7 +260,46 @@ impl Shared {
             Action::Link(cmd) => {
                 let _ = self.link_cmds.send(cmd);
             }
+            Action::Handler { id, handler } => self.spawn_handler(id, handler),
         }
+    }
+
+    /// Run a handler program; its exit status goes back to the core.
+    fn spawn_handler(self: &Arc<Self>, id: u64, handler: Handler) {
+        let (path, name) = match handler {
+            Handler::FencePeer => (self.handlers.fence_peer.clone(), "fence-peer"),
+            Handler::SplitBrain => (self.handlers.split_brain.clone(), "split-brain"),
+        };
+        let Some(path) = path else {
+            if handler == Handler::FencePeer {
+                warn!(
+                    "no fence-peer handler is configured ([handlers] fence-peer): fencing cannot be confirmed automatically"
+                );
+            }
+            self.run(|core| core.handle_handler_exit(id, None));
+            return;
+        };
+        let me = self.clone();
+        let env = self.handlers.env.clone();
+        tokio::spawn(async move {
+            info!("running the {name} handler {}", path.display());
+            let status = tokio::process::Command::new(&path)
+                .envs(env)
+                .stdin(std::process::Stdio::null())
+                .status()
+                .await;
+            let code = match &status {
+                Ok(s) => {
+                    info!("the {name} handler exited with {s}");
+                    s.code()
+                }
+                Err(e) => {
+                    error!("cannot run the {name} handler {}: {e}", path.display());
+                    None
+                }
+            };
+            me.run(|core| core.handle_handler_exit(id, code));
+        });
     }
 
     pub fn engine_status(&self) -> EngineStatus {

@@ -19,6 +19,7 @@ use tandem_proto::peer::Message;
 
 use crate::config::{Fencing, OnIoError};
 use crate::core::bitmap::Bitmap;
+use crate::core::fencing::Handler;
 use crate::core::rng::SplitMix64;
 use crate::core::{
     ClientOp, Command, CommandError, Device, IoResult, LinkCommand, Node, NodeParams, Output,
@@ -40,6 +41,8 @@ pub struct SimNode {
     pub pending: Vec<(u64, Op)>,
     /// The core wants a link.
     pub wants_link: bool,
+    /// Handlers running: (id, which).
+    pub handlers: Vec<(u64, Handler)>,
     pub params: NodeParams,
 }
 
@@ -124,6 +127,7 @@ impl SimCluster {
                 disk,
                 pending: Vec::new(),
                 wants_link: false,
+                handlers: Vec::new(),
                 params,
             }
         };
@@ -170,6 +174,7 @@ impl SimCluster {
         self.log(format!("crash {}", NAMES[i]));
         self.nodes[i].core = None;
         self.nodes[i].pending.clear();
+        self.nodes[i].handlers.clear();
         self.nodes[i].wants_link = false;
         let mut rng = SplitMix64::new(self.rng.next_u64());
         self.nodes[i].disk.crash(&mut rng);
@@ -254,6 +259,7 @@ impl SimCluster {
                 }
                 Output::Link(LinkCommand::Drop(reason)) => self.link_down_from(i, &reason),
                 Output::StateChanged { .. } => {}
+                Output::RunHandler { id, handler } => self.nodes[i].handlers.push((id, handler)),
             }
         }
     }
@@ -366,9 +372,65 @@ impl SimCluster {
         true
     }
 
-    /// One random step: complete an I/O or deliver a message. False when
-    /// nothing is left to do.
+    /// Finish node `i`'s oldest running handler. Fencing is modelled
+    /// faithfully: the handler powers the peer off (STONITH) and exits 7,
+    /// or it fails (exit 1); a peer that is already down is reported fenced.
+    /// It never claims what is not true.
+    pub fn finish_handler(&mut self, i: usize) -> bool {
+        if self.nodes[i].handlers.is_empty() || self.nodes[i].core.is_none() {
+            return false;
+        }
+        let (id, handler) = self.nodes[i].handlers.remove(0);
+        let code = match handler {
+            Handler::SplitBrain => 0,
+            Handler::FencePeer => {
+                let j = 1 - i;
+                if !self.running(j) {
+                    7
+                } else if self.rng.next_u64().is_multiple_of(2) {
+                    self.log(format!("{} fences {} (STONITH)", NAMES[i], NAMES[j]));
+                    self.crash(j);
+                    7
+                } else {
+                    1
+                }
+            }
+        };
+        self.log(format!("{} handler {handler:?} exits {code}", NAMES[i]));
+        if let Some(core) = self.nodes[i].core.as_mut() {
+            core.handle_handler_exit(id, Some(code));
+            self.drain(i);
+        }
+        true
+    }
+
+    /// One random step: complete an I/O, deliver a message, or finish a
+    /// handler. False when nothing is left to do.
     pub fn step(&mut self) -> bool {
+        let mut choices = Vec::new();
+        for i in 0..2 {
+            if !self.nodes[i].pending.is_empty() {
+                choices.push(i);
+            }
+            if self.link && !self.wire[i].is_empty() {
+                choices.push(2 + i);
+            }
+            if !self.nodes[i].handlers.is_empty() {
+                choices.push(4 + i);
+            }
+        }
+        if choices.is_empty() {
+            return self.try_connect();
+        }
+        match choices[(self.rng.next_u64() % choices.len() as u64) as usize] {
+            c @ 0..=1 => self.complete_one(c),
+            c @ 2..=3 => self.deliver_one(c - 2),
+            c => self.finish_handler(c - 4),
+        }
+    }
+
+    /// Like [`step`](Self::step), but never finishes a handler.
+    pub fn step_except_handlers(&mut self) -> bool {
         let mut choices = Vec::new();
         for i in 0..2 {
             if !self.nodes[i].pending.is_empty() {
@@ -379,7 +441,7 @@ impl SimCluster {
             }
         }
         if choices.is_empty() {
-            return self.try_connect();
+            return false;
         }
         match choices[(self.rng.next_u64() % choices.len() as u64) as usize] {
             c @ 0..=1 => self.complete_one(c),
