@@ -18,6 +18,11 @@ use crate::metadata::activity_log::{AL_EXTENT_SIZE, AL_MAX_EXTENTS, AlTransactio
 /// Default number of extents in the log (≈ 4 GiB of hot data).
 pub const DEFAULT_AL_EXTENTS: usize = 1009;
 
+/// The most extents one client request may touch: the drivers split
+/// larger trims and zero writes (NBD allows them up to 4 GiB) at extent
+/// boundaries, so that a single request always fits in one transaction.
+pub const MAX_REQUEST_EXTENTS: usize = 64;
+
 /// Where the transaction being written is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AlStage {
@@ -65,17 +70,29 @@ impl ActivityLog {
         }
     }
 
-    /// Whether every extent of `range` is in the durable log.
+    /// Whether every extent of `range` is in the durable log and stays in
+    /// it: an extent that the transaction being written drops is not
+    /// covered, even though it is still durable (a write started now would
+    /// miss the flush that precedes the eviction, and the log that a crash
+    /// recovers would not list it).
     pub fn covers(&self, range: std::ops::Range<u32>) -> bool {
-        range
-            .clone()
-            .all(|e| self.durable.contains(&e) && self.desired.contains_key(&e))
+        range.clone().all(|e| {
+            self.durable.contains(&e)
+                && self.desired.contains_key(&e)
+                && self
+                    .writing
+                    .as_ref()
+                    .is_none_or(|(_, set, _)| set.contains(&e))
+        })
     }
 
     /// Ask for `range` to be in the log; true if a transaction is needed.
     /// Evicts the least recently used unreferenced extents to make room;
     /// if there is no room (every extent busy), nothing changes and the
-    /// request must be repeated when a write finishes.
+    /// request must be repeated when a write finishes. A range wider than
+    /// the whole log grows it for as long as it stays there (otherwise such
+    /// a write could never start); the driver keeps every request within
+    /// [`MAX_REQUEST_EXTENTS`].
     pub fn request(&mut self, range: std::ops::Range<u32>) -> bool {
         self.clock += 1;
         let new: Vec<u32> = range
@@ -87,7 +104,8 @@ impl ActivityLog {
                 *t = self.clock;
             }
         }
-        let need = (self.desired.len() + new.len()).saturating_sub(self.capacity);
+        let room = self.capacity.max(range.len());
+        let need = (self.desired.len() + new.len()).saturating_sub(room);
         let mut victims: Vec<(u64, u32)> = self
             .desired
             .iter()
@@ -208,6 +226,22 @@ mod tests {
         let (t, evicts) = al.next_transaction().unwrap();
         assert_eq!((t.extents.clone(), evicts), (vec![0, 2], true));
         al.written(t.number);
+        // An extent the transaction in flight drops is not covered, even
+        // while it is still durable and asked for again.
+        assert!(al.request(3..4));
+        let (t, evicts) = al.next_transaction().unwrap();
+        assert_eq!((t.extents.clone(), evicts), (vec![0, 3], true));
+        assert!(al.request(2..3), "2 evicted from desired");
+        assert!(
+            !al.covers(2..3),
+            "2 is being dropped by transaction {}",
+            t.number
+        );
+        al.written(t.number);
+        let (t, _) = al.next_transaction().unwrap();
+        assert_eq!(t.extents, vec![0, 2]);
+        al.written(t.number);
+        assert!(al.covers(2..3));
         // Both busy: 3 must wait.
         al.get(2..3);
         assert!(!al.request(3..4));

@@ -112,7 +112,7 @@ impl<T> Node<T> {
     pub(super) fn rotate_for_lost_peer(&mut self) {
         if self.role == Role::Primary
             && self.disk == DiskState::UpToDate
-            && self.md.generations.bitmap == 0
+            && !self.md.flags.has(MdFlags::CURRENT_UNSHARED)
         {
             self.new_current_generation();
             self.degraded_seq = self.persist();
@@ -174,20 +174,31 @@ impl<T> Node<T> {
         }
         let seq = self.persist();
         match why {
-            FenceFor::LostPeer => self.resume_io(),
+            FenceFor::LostPeer => self.resume_io(true),
             FenceFor::Promote { cmd } => self.wait(Need::Md(seq), Deferred::PromoteFenced { cmd }),
         }
     }
 
-    /// Resume suspended I/O (fencing confirmed): rotate the generation
-    /// first, then let the held requests go on in degraded mode.
-    pub(super) fn resume_io(&mut self) {
+    /// Resume suspended I/O. After fencing confirmed (`without_peer`), the
+    /// generation rotates first and the held requests go on in degraded
+    /// mode; when the peer came back and gets our data, they go on as they
+    /// are (their blocks are marked and resynced).
+    pub(super) fn resume_io(&mut self, without_peer: bool) {
         if !self.io_suspended {
             return;
         }
-        info!("fencing confirmed: resuming I/O");
+        info!(
+            "resuming I/O ({})",
+            if without_peer {
+                "fencing confirmed"
+            } else {
+                "the peer is back"
+            }
+        );
         self.io_suspended = false;
-        self.rotate_for_lost_peer();
+        if without_peer {
+            self.rotate_for_lost_peer();
+        }
         self.event("io-suspended");
         self.resume();
         for w in std::mem::take(&mut self.held_writes) {

@@ -90,6 +90,12 @@ const fn m(v: u64) -> u64 {
     v & !1
 }
 
+/// A generation without its resync-start bumps (`UUID_NEW_BM_OFFSET` steps
+/// live in the top 16 bits; the low 47 random bits name the ancestor).
+const fn ancestor(v: u64) -> u64 {
+    v & (UUID_NEW_BM_OFFSET - 1) & !1
+}
+
 /// Compare this node's generations with the peer's. `i_win_ties` breaks the
 /// one symmetric case (both crashed as Primary, both Secondary now); the two
 /// nodes must pass opposite values.
@@ -183,6 +189,15 @@ pub fn compare(me: &Side, peer: &Side, i_win_ties: bool) -> Comparison {
             ..Comparison::new(Bitmap(Target), 51)
         };
     }
+    // Tandem's rule 52 (and 72 below): the peer's bitmap generation is our
+    // current one plus resync-start bumps whose SyncUuid never reached us,
+    // and its history no longer shows the step (a later rotation pushed
+    // it out). We have not written since (a write without the peer would
+    // have rotated our current), and the peer's bitmap holds every block
+    // changed since: a bitmap resync from the peer (docs/decisions.md).
+    if self_cur != 0 && p.bitmap != 0 && ancestor(self_cur) == ancestor(p.bitmap) {
+        return Comparison::new(Bitmap(Target), 52);
+    }
     if p.history.iter().any(|&h| h != 0 && m(h) == self_cur) {
         return Comparison::new(Full(Target), 60);
     }
@@ -202,6 +217,9 @@ pub fn compare(me: &Side, peer: &Side, i_win_ties: bool) -> Comparison {
             ..Comparison::new(Bitmap(Source), 71)
         };
     }
+    if peer_cur != 0 && s.bitmap != 0 && ancestor(peer_cur) == ancestor(s.bitmap) {
+        return Comparison::new(Bitmap(Source), 72);
+    }
     if s.history.iter().any(|&h| h != 0 && m(h) == peer_cur) {
         return Comparison::new(Full(Source), 80);
     }
@@ -213,10 +231,18 @@ pub fn compare(me: &Side, peer: &Side, i_win_ties: bool) -> Comparison {
             90,
         );
     }
-    let shared = s
-        .history
+    // DRBD compares history with history. Tandem compares every older
+    // generation (bitmap and history) of one side with every older one of
+    // the other, ignoring resync-start bumps (UUID_NEW_BM_OFFSET steps in
+    // the top 16 bits; the low 47 random bits identify the ancestor): a
+    // resync start the target never adopted, followed by promotions on
+    // both sides, leaves exactly such shapes, and those disks are related
+    // and diverged (split-brain), not unrelated (docs/decisions.md).
+
+    let older = |g: &Generations| [g.bitmap, g.history[0], g.history[1]];
+    let shared = older(s)
         .iter()
-        .any(|&a| a != 0 && p.history.iter().any(|&b| m(a) == m(b)));
+        .any(|&a| ancestor(a) != 0 && older(p).iter().any(|&b| ancestor(a) == ancestor(b)));
     if shared {
         return Comparison::new(
             SplitBrain {
@@ -239,6 +265,11 @@ pub struct Disks {
     pub peer_discard: bool,
     /// I am Primary now.
     pub me_primary: bool,
+    /// The peer is Primary now.
+    pub peer_primary: bool,
+    /// My bitmap has marked blocks.
+    pub me_dirty: bool,
+    pub peer_dirty: bool,
 }
 
 /// What to do after the handshake.
@@ -283,6 +314,26 @@ pub fn resolve(c: &Comparison, d: &Disks) -> Decision {
             (true, false) => Bitmap(Direction::Target),
             (false, true) => Bitmap(Direction::Source),
             _ => return Decision::SplitBrain,
+        };
+    }
+    if d.me_primary && d.peer_primary {
+        // Never two Primaries while connected (DRBD's SS_TWO_PRIMARIES).
+        return Decision::Refuse(
+            "both nodes are Primary; demote one (`repctl secondary`) and connect again".into(),
+        );
+    }
+    if outcome == NoSync && (d.me_dirty || d.peer_dirty) {
+        // Equal generations, yet blocks are marked: a Primary whose I/O was
+        // frozen by fencing keeps its generation (DRBD's NEW_CUR_UUID), so
+        // the writes the peer lost with the link are known only by marks.
+        // DRBD resends its transfer log; here the Primary's marks are
+        // resynced from it (docs/decisions.md).
+        outcome = match (d.me_primary, d.peer_primary, d.me_dirty, d.peer_dirty) {
+            (true, _, _, _) => Bitmap(Direction::Source),
+            (_, true, _, _) => Bitmap(Direction::Target),
+            (_, _, true, false) => Bitmap(Direction::Source),
+            (_, _, false, true) => Bitmap(Direction::Target),
+            _ => NoSync,
         };
     }
     let (direction, full) = match outcome {
@@ -440,6 +491,39 @@ mod tests {
                 100
             )
         );
+        // A bitmap generation in the peer's history is a shared ancestor.
+        assert_eq!(
+            cmp(g(0xb0, 0xa4, 0xa2, 0xa0), g(0xc0, 0xa2, 0xd0, 0)),
+            (
+                SplitBrain {
+                    auto_recoverable: false
+                },
+                100
+            )
+        );
+        // So is one that differs only by resync-start bumps.
+        assert_eq!(
+            cmp(
+                g(0xb0, UUID_NEW_BM_OFFSET + 0xa2, 0xd2, 0),
+                g(0xc0, 0xa2, 0xe2, 0)
+            ),
+            (
+                SplitBrain {
+                    auto_recoverable: false
+                },
+                100
+            )
+        );
+        // A bumped bitmap generation whose step left the history (52, 72).
+        let bumped = 2 * UUID_NEW_BM_OFFSET + 0xa2;
+        assert_eq!(
+            cmp(g(0xa2, 0, 0xd0, 0), g(0xc0, bumped, 0xe0, 0xe2)),
+            (Bitmap(Target), 52)
+        );
+        assert_eq!(
+            cmp(g(0xc0, bumped, 0xe0, 0xe2), g(0xa2, 0, 0xd0, 0)),
+            (Bitmap(Source), 72)
+        );
         // Nothing shared, zero histories included.
         assert_eq!(cmp(g(0xb0, 0, 0, 0), g(0xc0, 0, 0, 0)), (Unrelated, 0));
     }
@@ -466,6 +550,9 @@ mod tests {
             me_discard: false,
             peer_discard: false,
             me_primary: false,
+            peer_primary: false,
+            me_dirty: false,
+            peer_dirty: false,
         };
         let c = |outcome| Comparison::new(outcome, 0);
         assert_eq!(
@@ -536,6 +623,12 @@ mod tests {
             me_primary: true,
             ..disks
         };
+        let both = Disks {
+            me_primary: true,
+            peer_primary: true,
+            ..disks
+        };
+        assert!(matches!(resolve(&c(NoSync), &both), Decision::Refuse(_)));
         assert!(matches!(
             resolve(&c(Bitmap(Target)), &primary),
             Decision::Refuse(_)
@@ -550,5 +643,34 @@ mod tests {
             Decision::Refuse(_)
         ));
         assert_eq!(resolve(&c(NoSync), &both_inc), Decision::NoSync);
+        // Equal generations but marked blocks (a frozen Primary kept its
+        // generation): the Primary's marks are resynced from it.
+        let frozen = Disks {
+            me_primary: true,
+            me_dirty: true,
+            ..disks
+        };
+        let sync = |direction| Decision::Sync {
+            direction,
+            full: false,
+        };
+        assert_eq!(resolve(&c(NoSync), &frozen), sync(Source));
+        let peer_frozen = Disks {
+            peer_primary: true,
+            peer_dirty: true,
+            ..disks
+        };
+        assert_eq!(resolve(&c(NoSync), &peer_frozen), sync(Target));
+        let only_mine = Disks {
+            me_dirty: true,
+            ..disks
+        };
+        assert_eq!(resolve(&c(NoSync), &only_mine), sync(Source));
+        let both_dirty = Disks {
+            me_dirty: true,
+            peer_dirty: true,
+            ..disks
+        };
+        assert_eq!(resolve(&c(NoSync), &both_dirty), Decision::NoSync);
     }
 }

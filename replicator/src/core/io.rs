@@ -243,21 +243,18 @@ impl<T> Node<T> {
         let queue = std::mem::take(&mut self.blocked);
         let mut pages = Vec::new();
         let mut md = false;
-        let mut al_wait = false;
+        // The activity log lists a write's extents, durably, before the
+        // write is submitted (docs/durability.md). Writes already covered go
+        // first: starting them takes references that keep their extents
+        // from being evicted by the requests of the others.
+        let mut uncovered = Vec::new();
         for w in queue {
             let Some(write) = self.writes.get(&w) else {
                 continue;
             };
-            // The activity log lists the write's extents, durably, before
-            // the write is submitted (docs/durability.md).
-            if self.al_enabled() {
-                let ext = extents_of(write.start, write.end);
-                if !self.al.covers(ext.clone()) {
-                    self.al.request(ext);
-                    al_wait = true;
-                    self.blocked.push_back(w);
-                    continue;
-                }
+            if self.al_enabled() && !self.al.covers(extents_of(write.start, write.end)) {
+                uncovered.push(w);
+                continue;
             }
             if self.replicating() {
                 if self.peer_in_flight() >= self.p.max_buffers as usize {
@@ -289,7 +286,13 @@ impl<T> Node<T> {
                 self.start_write(w, false);
             }
         }
-        if al_wait {
+        for &w in &uncovered {
+            if let Some(write) = self.writes.get(&w) {
+                self.al.request(extents_of(write.start, write.end));
+            }
+            self.blocked.push_back(w);
+        }
+        if !uncovered.is_empty() {
             // A written transaction, or a finished write freeing an extent,
             // resumes them.
             self.al_pump();
@@ -357,6 +360,12 @@ impl<T> Node<T> {
         };
         write.peer = if ok { PeerPart::Acked } else { PeerPart::Lost };
         let (s, e) = Bitmap::blocks_of(write.start, write.end - write.start);
+        if !ok {
+            // Marked at once (durably only before the answer, below): the
+            // next handshake must see these blocks even while the write
+            // is still on the local disk or held by frozen I/O.
+            self.bitmap.set(s, e);
+        }
         if ok && let Some(link) = self.link.as_mut() {
             link.tl.record(s, e);
             if link.tl.open_len() >= MAX_EPOCH_WRITES {
@@ -374,6 +383,12 @@ impl<T> Node<T> {
             && matches!(write.peer, PeerPart::Pending(_))
         {
             write.peer = PeerPart::Lost;
+            // Marked at once, in memory: a handshake on the next link (the
+            // write may still be on the local disk, or held by frozen I/O)
+            // must count these blocks as out of sync. Durable before the
+            // answer (maybe_complete).
+            let (s, e) = Bitmap::blocks_of(write.start, write.end - write.start);
+            self.bitmap.set(s, e);
             self.maybe_complete(w);
         }
     }

@@ -69,6 +69,9 @@ impl<T> Node<T> {
     pub(super) fn send_state(&mut self) {
         if self.link.is_some() {
             let s = self.my_state();
+            if let Some(link) = self.link.as_mut() {
+                link.sent_dirty = s.dirty_blocks;
+            }
             self.send(Message::State(s));
         }
     }
@@ -112,10 +115,9 @@ impl<T> Node<T> {
             self.link_lost("a new link replaced the old one");
         }
         info!("connected to {}", self.p.peer.as_deref().unwrap_or("?"));
+        // `Connected` once the handshake decided to keep the link (decide).
         self.link = Some(Link::new());
-        self.conn = ConnState::Connected;
         self.last_error = None;
-        self.event("connection");
         self.send_state();
     }
 
@@ -395,6 +397,12 @@ impl<T> Node<T> {
         match phase {
             Phase::SyncSource { ready: false } if disk == DiskState::Inconsistent => {
                 self.set_phase(Phase::SyncSource { ready: true });
+                // I/O frozen by fencing resumes only now: the target is
+                // durably Inconsistent (it cannot be promoted without
+                // --force) and the held writes are marked for the resync.
+                // Answering them at the handshake would let a link loss
+                // before this point leave an UpToDate peer without them.
+                self.resume_io(false);
                 self.link.as_mut().expect("link").resync = Some(ResyncSource::default());
                 self.pump();
             }
@@ -441,8 +449,18 @@ impl<T> Node<T> {
             me_discard: self.discard_my_data,
             peer_discard: peer.flags & STATE_FLAG_DISCARD_MY_DATA != 0,
             me_primary: self.role == Role::Primary,
+            peer_primary: peer.role == 1,
+            me_dirty: self.link.as_ref().is_some_and(|l| l.sent_dirty > 0),
+            peer_dirty: peer.dirty_blocks > 0,
         };
         let decision = resolve(&c, &disks);
+
+        if matches!(decision, Decision::NoSync | Decision::Sync { .. })
+            && self.conn != ConnState::Connected
+        {
+            self.conn = ConnState::Connected;
+            self.event("connection");
+        }
         if self.md.flags.has(MdFlags::PEER_OUT_DATED) {
             // Connected again: what fencing said about the peer is history.
             self.md.flags.set(MdFlags::PEER_OUT_DATED, false);
@@ -467,6 +485,8 @@ impl<T> Node<T> {
         match decision {
             Decision::NoSync => {
                 self.discard_my_data = false;
+                // The peer is back and has our data: held I/O may go on.
+                self.resume_io(false);
                 self.set_phase(Phase::Established);
                 // Same generation, same data: a Consistent or Outdated disk
                 // facing a peer with good data is UpToDate.
@@ -482,6 +502,7 @@ impl<T> Node<T> {
             }
             Decision::Sync { direction, full } => {
                 self.discard_my_data = false;
+
                 if full {
                     self.bitmap.set_all();
                 }
@@ -496,6 +517,14 @@ impl<T> Node<T> {
                     self.bitmap.count()
                 );
                 self.begin_bitmaps(direction);
+            }
+            Decision::SplitBrain if disks.me_discard && disks.peer_discard => {
+                let reason = "split-brain, and both nodes were told to discard their data: run `repctl connect` \
+                     (without --discard-my-data) on the node whose data is to be kept";
+                error!("{reason}");
+                self.split_brain = true;
+                self.event("split-brain");
+                self.stand_alone(reason.into());
             }
             Decision::SplitBrain => {
                 error!(
@@ -546,6 +575,9 @@ impl<T> Node<T> {
                 g.history = [g.bitmap, g.history[0]];
             }
             g.bitmap = new;
+            // The target takes our current generation when the resync
+            // ends: from now on it may hold it. Durable before SyncUuid.
+            self.md.flags.set(MdFlags::CURRENT_UNSHARED, false);
         }
         let seq = self.persist();
         self.wait(Need::Everything(seq), Deferred::SyncStarting);
@@ -584,6 +616,7 @@ impl<T> Node<T> {
             .expect("sync uuid known");
         self.md.generations.current = uuid;
         self.md.generations.bitmap = 0;
+        self.md.flags.set(MdFlags::CURRENT_UNSHARED, false);
         self.md.flags.set(MdFlags::CONSISTENT, false);
         self.set_disk(DiskState::Inconsistent);
         let seq = self.persist();
@@ -624,6 +657,7 @@ impl<T> Node<T> {
         self.md.flags.set(MdFlags::CONSISTENT, true);
         self.md.flags.set(MdFlags::WAS_UP_TO_DATE, true);
         self.md.flags.set(MdFlags::CRASHED_PRIMARY, false);
+        self.md.flags.set(MdFlags::CURRENT_UNSHARED, false);
         self.set_disk(DiskState::UpToDate);
         let seq = self.persist();
         self.wait(Need::Everything(seq), Deferred::TargetFinished);
@@ -739,6 +773,11 @@ impl<T> Node<T> {
                 self.persist();
             }
             self.discard_my_data = true;
+        } else {
+            // Each `connect` states its options anew (as drbdadm's net
+            // options do): a plain connect withdraws an earlier
+            // --discard-my-data.
+            self.discard_my_data = false;
         }
         if self.conn == ConnState::StandAlone {
             self.split_brain = false;
@@ -856,6 +895,7 @@ impl<T> Node<T> {
         };
         self.md.flags.set(MdFlags::CONSISTENT, true);
         self.md.flags.set(MdFlags::WAS_UP_TO_DATE, true);
+        self.md.flags.set(MdFlags::CURRENT_UNSHARED, false);
         self.bitmap.clear_all();
         self.set_disk(DiskState::UpToDate);
         let seq = self.persist();

@@ -98,6 +98,16 @@ impl<T> Node<T> {
         }
     }
 
+    /// Every dirty bitmap page at its current version.
+    pub(super) fn all_dirty_pages(&self) -> Need {
+        let pages = self
+            .bitmap
+            .dirty_pages()
+            .map(|p| (p, self.bitmap.page_version(p)))
+            .collect();
+        Need::Pages(pages)
+    }
+
     /// The bitmap pages covering blocks `[start, end)`, at their current
     /// versions: what a write to those blocks must wait for.
     pub(super) fn pages_need(&self, start: u64, end: u64) -> Need {
@@ -209,9 +219,25 @@ impl<T> Node<T> {
                     self.send(Message::Disconnect { reason });
                 }
             }
+            // The log is marked clean only while nobody writes through it: a
+            // promotion that came in meanwhile made it live again. The test
+            // is PRIMARY_IND, not the role: a promotion sets it before it
+            // waits for the superblock, while the role changes only after.
             Deferred::AlApplied => {
-                self.md.flags.set(MdFlags::AL_CLEAN, true);
-                self.persist();
+                if !self.md.flags.has(MdFlags::PRIMARY_IND) {
+                    self.md.flags.set(MdFlags::AL_CLEAN, true);
+                    self.persist();
+                }
+            }
+            Deferred::AlWrite => self.al_write(),
+            Deferred::Retired { then } => {
+                if self.al_enabled() && !self.md.flags.has(MdFlags::PRIMARY_IND) {
+                    self.md.flags.set(MdFlags::AL_CLEAN, true);
+                }
+                let seq = self.persist();
+                for then in then {
+                    self.wait(Need::Everything(seq), then);
+                }
             }
         }
     }
@@ -309,7 +335,14 @@ impl<T> Node<T> {
             *peer = None;
         }
         if !*l && peer.is_none() {
-            self.al_write();
+            // The evicted extents leave the log: their marks in memory (the
+            // transfer log's, after a lost link) go to disk first
+            // (docs/durability.md).
+            if let Some(stage) = self.al.stage_mut() {
+                *stage = AlStage::Writing;
+            }
+            let pages = self.all_dirty_pages();
+            self.wait(pages, Deferred::AlWrite);
         }
     }
 
@@ -364,12 +397,10 @@ impl<T> Node<T> {
             return;
         }
         let r = self.retiring.take().expect("retiring");
-        if self.al_enabled() {
-            self.md.flags.set(MdFlags::AL_CLEAN, true);
-        }
-        let seq = self.persist();
-        for then in r.then {
-            self.wait(Need::Everything(seq), then);
-        }
+        // The log stops protecting its extents once marked clean: every
+        // mark in memory (the transfer log's, after a lost link) must be on
+        // disk first, or a crash in between forgets both (docs/durability.md).
+        let pages = self.all_dirty_pages();
+        self.wait(pages, Deferred::Retired { then: r.then });
     }
 }

@@ -341,6 +341,9 @@ pub(super) struct Link {
     pub resync_done: bool,
     /// We granted the peer a promotion and have not seen its new state.
     pub peer_promoting: bool,
+    /// The marked-block count in the last state we sent: the handshake
+    /// decides on what the peer saw.
+    pub sent_dirty: u64,
 }
 
 impl Link {
@@ -356,6 +359,7 @@ impl Link {
             sync_uuid: None,
             resync_done: false,
             peer_promoting: false,
+            sent_dirty: 0,
         }
     }
 
@@ -415,6 +419,14 @@ pub(super) enum Deferred {
     /// Fencing confirmed for a pending promotion: go on with it.
     PromoteFenced {
         cmd: u64,
+    },
+    /// Every bitmap page is durable: the activity-log transaction that
+    /// evicts extents may be written.
+    AlWrite,
+    /// Both retirement flushes done and every bitmap page durable: the log
+    /// may be marked clean, then `then` runs.
+    Retired {
+        then: Vec<Deferred>,
     },
 }
 
@@ -553,6 +565,7 @@ impl<T> Node<T> {
             last_error: None,
             last_rule: None,
             degraded_seq: 0,
+
             nbd_clients: 0,
             stopping: false,
             rng: SplitMix64::new(params.seed),
@@ -677,6 +690,42 @@ impl<T> Node<T> {
         self.split_brain
     }
 
+    /// A one-line summary of internal state, for debugging stuck schedules.
+    pub fn debug_state(&self) -> String {
+        let link = self.link.as_ref().map(|l| {
+            format!(
+                "phase={:?} reqs={:?} resync={:?} sync_uuid={:?} resync_sent={} peer={:?}",
+                l.phase,
+                l.reqs,
+                l.resync,
+                l.sync_uuid,
+                l.resync_sent.len(),
+                l.peer.map(|p| (p.role, p.disk))
+            )
+        });
+        format!(
+            "flags={:?} role={:?} disk={:?} md_seq={} md_durable={} md_in_flight={:?} waits={:?} ops={} writes={} blocked={} ranges_owned={} dirty_pages={:?} page_writes={:?} al_pending={:?} al={:?} resume_pending={} retiring={:?} suspended={} link={link:?}",
+            self.md.flags,
+            self.role,
+            self.disk,
+            self.md.sequence,
+            self.md_durable,
+            self.md_in_flight,
+            self.waits,
+            self.ops.len(),
+            self.writes.len(),
+            self.blocked.len(),
+            self.range_owner.len(),
+            self.bitmap.dirty_pages().collect::<Vec<_>>(),
+            self.page_writes,
+            self.al_pending.as_ref().map(|t| t.number),
+            self.al,
+            self.resume_pending,
+            self.retiring,
+            self.io_suspended,
+        )
+    }
+
     pub(super) fn event(&mut self, event: &'static str) {
         self.outputs.push_back(Output::StateChanged { event });
     }
@@ -775,12 +824,49 @@ impl<T> Node<T> {
     }
 
     pub(super) fn check_promotable(&self, force: bool) -> Result<(), CommandError> {
+        // A node the handshake chose as sync target is refused, forced or
+        // not, from the bitmap exchange on: its data is about to be (or is
+        // being) overwritten by the peer's, and a Primary cannot be a sync
+        // target. It is still UpToDate until it takes the sync generation,
+        // so the disk-state test below would let it through.
+        let target = self.link.as_ref().is_some_and(|l| {
+            matches!(
+                l.phase,
+                Phase::SyncTarget
+                    | Phase::Bitmaps {
+                        dir: Direction::Target,
+                        ..
+                    }
+                    | Phase::Starting {
+                        dir: Direction::Target
+                    }
+            )
+        });
+        if target {
+            return Err(CommandError::refused(
+                "this node is sync target of a resync from the peer: wait for it (`repctl wait-sync`), \
+                 or `repctl disconnect` first",
+            ));
+        }
         match self.disk {
             DiskState::UpToDate => Ok(()),
             DiskState::Diskless | DiskState::Failed => Err(CommandError::failed(format!(
                 "cannot become Primary: the disk is {}",
                 self.disk
             ))),
+            // Forcing stale data over a connected peer's good copy would
+            // leave this node Primary over a resync in progress (as target).
+            _ if force
+                && self.link.as_ref().is_some_and(|l| {
+                    l.phase == Phase::SyncTarget || l.peer.is_some_and(|p| p.disk > self.disk)
+                }) =>
+            {
+                Err(CommandError::refused(format!(
+                    "the disk is {} and the connected peer has better data: wait for the resync \
+                     (`repctl wait-sync`), or `repctl disconnect` first to declare this node's data the good copy",
+                    self.disk
+                )))
+            }
             _ if force => Ok(()),
             _ => Err(CommandError::refused(format!(
                 "need UpToDate data to become Primary, but the disk is {}; \
@@ -801,9 +887,14 @@ impl<T> Node<T> {
             self.set_disk(DiskState::UpToDate);
         }
         // The generation rotates when a disconnected node is promoted and
-        // its bitmap generation is unused, or on --force (DRBD's
-        // drbd_set_role). It is durable before the role changes.
-        if force || (!connected && self.md.generations.bitmap == 0) {
+        // its current generation may be one the peer holds too, or on
+        // --force. DRBD tests "bitmap generation unused" instead, but a
+        // sync source sets its bitmap generation at resync start without
+        // rotating, so a promotion after a link lost mid-resync would write
+        // under the peer's own current generation and a later handshake
+        // would resync over those writes (docs/durability.md). It is
+        // durable before the role changes.
+        if force || (!connected && !self.md.flags.has(MdFlags::CURRENT_UNSHARED)) {
             self.new_current_generation();
         }
         self.md.flags.set(MdFlags::PRIMARY_IND, true);
@@ -816,13 +907,19 @@ impl<T> Node<T> {
         self.wait(Need::Md(seq), Deferred::BecomePrimary { cmd, connected });
     }
 
-    /// Bitmap generation ← current, current ← new random value.
+    /// Bitmap generation ← current (or, when the bitmap generation is in
+    /// use, history ← current), current ← new random value. The old current
+    /// stays findable, so a peer still at it is recognised as behind.
     pub(super) fn new_current_generation(&mut self) {
         let g = &mut self.md.generations;
         if g.bitmap == 0 {
             g.bitmap = g.current;
+        } else if g.current != g.bitmap && g.current != crate::metadata::UUID_JUST_CREATED {
+            g.history = [g.current, g.history[0]];
         }
         g.current = self.rng.generation();
+        // Persisted by the caller, with the generation.
+        self.md.flags.set(MdFlags::CURRENT_UNSHARED, true);
         info!("new current generation {:016x}", g.current);
     }
 
@@ -839,6 +936,13 @@ impl<T> Node<T> {
                 "{} NBD client(s) attached; disconnect them (e.g. nbd-client -d, or stop the qemu/nbdfuse using the export) and retry",
                 self.nbd_clients
             )));
+        }
+        // Requests in flight belong to a client that was attached a moment
+        // ago; they finish as a Primary's.
+        if !self.writes.is_empty() || !self.flushes.is_empty() || !self.frozen.is_empty() {
+            return Err(CommandError::refused(
+                "client requests are still in flight; retry when they are answered",
+            ));
         }
         self.role = Role::Secondary;
         info!("{} is now Secondary", self.p.node);

@@ -85,8 +85,11 @@ impl SimDisk {
                 Ok(Done::Ok)
             }
             Op::Flush => {
-                self.base.copy_from_slice(&self.data);
-                self.log.clear();
+                // Everything completed is durable now.
+                for (offset, bytes, _) in self.log.drain(..) {
+                    self.base[offset as usize..offset as usize + bytes.len()]
+                        .copy_from_slice(&bytes);
+                }
                 Ok(Done::Ok)
             }
         }

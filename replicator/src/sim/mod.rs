@@ -108,6 +108,11 @@ impl SimCluster {
     /// Two nodes with fresh metadata on zeroed disks of `size` bytes, both
     /// running, link down.
     pub fn new(seed: u64, size: u64, fencing: Fencing) -> Self {
+        Self::with_al(seed, size, fencing, 4)
+    }
+
+    /// Like [`new`](Self::new), with an activity log of `al_extents`.
+    pub fn with_al(seed: u64, size: u64, fencing: Fencing, al_extents: usize) -> Self {
         let mk = |i: usize| {
             let mut disk = SimDisk::new(size);
             format(&mut disk, NAMES[i]);
@@ -118,7 +123,7 @@ impl SimCluster {
                 fencing,
                 on_io_error: OnIoError::Detach,
                 max_buffers: 64,
-                al_extents: 4,
+                al_extents,
                 seed: seed.wrapping_mul(31).wrapping_add(i as u64),
             };
             SimNode {
@@ -162,6 +167,8 @@ impl SimCluster {
     pub fn start(&mut self, i: usize) {
         assert!(self.nodes[i].core.is_none());
         let (sb, bm, al) = load(&self.nodes[i].disk);
+        // Every start draws fresh randomness, as repd does from the OS.
+        self.nodes[i].params.seed = self.rng.next_u64();
         let core = Node::new(self.nodes[i].params.clone(), sb, bm, al);
         self.nodes[i].core = Some(core);
         self.log(format!("start {}", NAMES[i]));
@@ -372,10 +379,13 @@ impl SimCluster {
         true
     }
 
-    /// Finish node `i`'s oldest running handler. Fencing is modelled
-    /// faithfully: the handler powers the peer off (STONITH) and exits 7,
-    /// or it fails (exit 1); a peer that is already down is reported fenced.
-    /// It never claims what is not true.
+    /// Finish node `i`'s oldest running handler. Fencing is modelled as a
+    /// cluster manager does it: a peer the cluster runs as Primary cannot
+    /// be fenced (exit 6: outdate yourself); a down peer, or a Secondary
+    /// powered off by STONITH, is reported fenced (exit 7) and its data is
+    /// recorded as outdated where it will see it when it comes back (a
+    /// Pacemaker constraint, `drbdadm outdate`); or the handler fails
+    /// (exit 1). It never claims what is not true.
     pub fn finish_handler(&mut self, i: usize) -> bool {
         if self.nodes[i].handlers.is_empty() || self.nodes[i].core.is_none() {
             return false;
@@ -385,11 +395,15 @@ impl SimCluster {
             Handler::SplitBrain => 0,
             Handler::FencePeer => {
                 let j = 1 - i;
-                if !self.running(j) {
+                if self.running(j) && self.core(j).role() == crate::core::states::Role::Primary {
+                    6
+                } else if !self.running(j) {
+                    self.outdate(j);
                     7
                 } else if self.rng.next_u64().is_multiple_of(2) {
                     self.log(format!("{} fences {} (STONITH)", NAMES[i], NAMES[j]));
                     self.crash(j);
+                    self.outdate(j);
                     7
                 } else {
                     1
@@ -402,6 +416,21 @@ impl SimCluster {
             self.drain(i);
         }
         true
+    }
+
+    /// Mark node `j`'s (stopped) disk Outdated in its metadata, as the
+    /// fencing side does out of band.
+    pub fn outdate(&mut self, j: usize) {
+        assert!(!self.running(j));
+        let (mut sb, _, _) = load(&self.nodes[j].disk);
+        if !sb.flags.has(MdFlags::WAS_UP_TO_DATE) {
+            return;
+        }
+        sb.flags.set(MdFlags::WAS_UP_TO_DATE, false);
+        sb.sequence += 1;
+        let at = sb.layout.superblock_offset(sb.sequence % 2);
+        self.nodes[j].disk.poke(at, &sb.encode());
+        self.log(format!("{} is outdated by fencing", NAMES[j]));
     }
 
     /// One random step: complete an I/O, deliver a message, or finish a
