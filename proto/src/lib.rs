@@ -15,6 +15,7 @@
 
 pub mod buf;
 pub mod nbd;
+pub mod peer;
 pub mod reader;
 
 pub use buf::AlignedBuf;

@@ -8,6 +8,7 @@
 //! - [`status`]: the status object of the user contract.
 //! - [`control`]: the control-socket protocol between `repctl` and `repd`.
 //! - [`daemon`], [`ctl`]: the `repd` and `repctl` programs.
+//! - [`sim`]: deterministic simulation of two nodes, for tests.
 
 pub mod config;
 pub mod control;
@@ -15,5 +16,6 @@ pub mod core;
 pub mod ctl;
 pub mod daemon;
 pub mod metadata;
+pub mod sim;
 pub mod status;
 pub mod storage;

@@ -26,6 +26,13 @@ pub struct Status {
     pub counters: Counters,
     /// Storage engine in use and its durability counters (Tandem extension).
     pub engine: EngineStatus,
+    /// Why the last connection attempt was refused or dropped, if it was.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// The generation rule that decided the last connection (DRBD's
+    /// `uuid_compare` rule number and outcome).
+    #[serde(default)]
+    pub generation_rule: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

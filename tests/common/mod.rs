@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod nbd;
+pub mod proxy;
 pub mod tools;
 
 use std::path::{Path, PathBuf};
@@ -106,6 +107,15 @@ pub struct Spec {
     /// Extra TOML lines for a node's `[[node]]` section; `{dir}` in them
     /// is replaced by the cluster's directory.
     pub node_extra: Vec<(&'static str, String)>,
+    /// Per-node replacements of the `[resource]` lines after `name`, in
+    /// that node's own config file (to make two nodes disagree).
+    pub node_resource: Vec<(&'static str, String)>,
+    /// Per-node resource names, in that node's own config file.
+    pub node_resource_name: Vec<(&'static str, &'static str)>,
+    /// Per-node disk sizes.
+    pub node_size: Vec<(&'static str, u64)>,
+    /// Route the link through an in-process fault proxy.
+    pub proxy: bool,
 }
 
 impl Spec {
@@ -119,7 +129,56 @@ impl Spec {
             repd_args: Vec::new(),
             disks: Vec::new(),
             node_extra: Vec::new(),
+            node_resource: Vec::new(),
+            node_resource_name: Vec::new(),
+            node_size: Vec::new(),
+            proxy: false,
         }
+    }
+
+    /// Two nodes, alpha and beta (alpha dials: its name sorts first).
+    pub fn pair(size: u64) -> Spec {
+        Spec {
+            nodes: vec!["alpha", "beta"],
+            ..Spec::single(size)
+        }
+    }
+
+    /// Lines for the `[resource]` section of every node's config.
+    pub fn resource(mut self, lines: &str) -> Spec {
+        self.resource_extra = lines.to_string();
+        self
+    }
+
+    /// Lines for the `[resource]` section of `node`'s config only
+    /// (replacing the common ones).
+    pub fn resource_for(mut self, node: &'static str, lines: &str) -> Spec {
+        self.node_resource.push((node, lines.to_string()));
+        self
+    }
+
+    /// The resource name in `node`'s config.
+    pub fn resource_name_for(mut self, node: &'static str, name: &'static str) -> Spec {
+        self.node_resource_name.push((node, name));
+        self
+    }
+
+    /// A different disk size for `node`.
+    pub fn size_for(mut self, node: &'static str, size: u64) -> Spec {
+        self.node_size.push((node, size));
+        self
+    }
+
+    /// Extra sections (e.g. `[net]`) for every node's config.
+    pub fn sections(mut self, toml: &str) -> Spec {
+        self.extra_sections = toml.to_string();
+        self
+    }
+
+    /// Route the peer link through a fault proxy (see `proxy`).
+    pub fn with_proxy(mut self) -> Spec {
+        self.proxy = true;
+        self
     }
 
     /// Use `path` (e.g. a loop device) as `node`'s disk instead of a new
@@ -162,9 +221,15 @@ pub fn free_port() -> u16 {
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// The config file of the first node (all nodes share one unless the
+    /// spec makes them differ; see `config_of`).
     pub config: PathBuf,
+    /// Each node's own config file.
+    pub configs: Vec<(String, PathBuf)>,
     pub nodes: Vec<NodeHandle>,
     pub repd_args: Vec<String>,
+    /// The link's fault proxy, if the spec asked for one.
+    pub proxy: Option<proxy::Proxy>,
 }
 
 impl Cluster {
@@ -173,19 +238,23 @@ impl Cluster {
             .prefix("tandem-test-")
             .tempdir()
             .unwrap();
-        let mut toml = format!("[resource]\nname = \"r0\"\n{}\n", spec.resource_extra);
         let mut nodes = Vec::new();
         for name in &spec.nodes {
+            let size = spec
+                .node_size
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(spec.size, |(_, s)| *s);
             let disk = match spec.disks.iter().find(|(n, _)| n == name) {
                 Some((_, path)) => path.clone(),
                 None => {
                     let disk = dir.path().join(format!("{name}.img"));
                     let f = std::fs::File::create(&disk).unwrap();
-                    f.set_len(spec.size).unwrap();
+                    f.set_len(size).unwrap();
                     disk
                 }
             };
-            let node = NodeHandle {
+            nodes.push(NodeHandle {
                 name: name.to_string(),
                 disk,
                 control: dir.path().join(format!("{name}.ctl")),
@@ -195,34 +264,79 @@ impl Cluster {
                 link_port: free_port(),
                 log: dir.path().join(format!("{name}.log")),
                 child: None,
-            };
-            let nbd = match spec.nbd {
-                NbdKind::Unix => format!("unix:{}", node.nbd_socket.display()),
-                NbdKind::Tcp => format!("127.0.0.1:{}", node.nbd_port),
-            };
-            toml += &format!(
-                "\n[[node]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"{}\"\ncontrol = \"{}\"\n",
-                node.name,
-                node.link_port,
-                node.disk.display(),
-                nbd,
-                node.control.display()
-            );
-            for (_, lines) in spec.node_extra.iter().filter(|(n, _)| n == name) {
-                toml += &lines.replace("{dir}", &dir.path().display().to_string());
-                toml += "\n";
-            }
-            nodes.push(node);
+            });
         }
-        toml += &spec.extra_sections;
-        let config = dir.path().join("r0.toml");
-        std::fs::write(&config, toml).unwrap();
+        // The dialing node (the name that sorts first) reaches the other
+        // through the proxy when there is one.
+        let proxy = (spec.proxy && nodes.len() == 2).then(|| {
+            let acceptor = nodes.iter().max_by(|a, b| a.name.cmp(&b.name)).unwrap();
+            proxy::Proxy::start(format!("127.0.0.1:{}", acceptor.link_port).parse().unwrap())
+        });
+        let mut configs = Vec::new();
+        for me in &nodes {
+            let name = spec
+                .node_resource_name
+                .iter()
+                .find(|(n, _)| *n == me.name)
+                .map_or("r0", |(_, r)| *r);
+            let extra = spec
+                .node_resource
+                .iter()
+                .find(|(n, _)| *n == me.name)
+                .map_or(spec.resource_extra.as_str(), |(_, l)| l.as_str());
+            let mut toml = format!("[resource]\nname = \"{name}\"\n{extra}\n");
+            for node in &nodes {
+                let nbd = match spec.nbd {
+                    NbdKind::Unix => format!("unix:{}", node.nbd_socket.display()),
+                    NbdKind::Tcp => format!("127.0.0.1:{}", node.nbd_port),
+                };
+                let port = match &proxy {
+                    Some(p) if node.name != me.name && me.name < node.name => p.addr.port(),
+                    _ => node.link_port,
+                };
+                toml += &format!(
+                    "\n[[node]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"{}\"\ncontrol = \"{}\"\n",
+                    node.name,
+                    port,
+                    node.disk.display(),
+                    nbd,
+                    node.control.display()
+                );
+                for (_, lines) in spec.node_extra.iter().filter(|(n, _)| *n == node.name) {
+                    toml += &lines.replace("{dir}", &dir.path().display().to_string());
+                    toml += "\n";
+                }
+            }
+            toml += &spec.extra_sections;
+            let path = if spec.proxy
+                || !spec.node_resource.is_empty()
+                || !spec.node_resource_name.is_empty()
+            {
+                dir.path().join(format!("r0-{}.toml", me.name))
+            } else {
+                dir.path().join("r0.toml")
+            };
+            std::fs::write(&path, toml).unwrap();
+            configs.push((me.name.clone(), path));
+        }
         Cluster {
+            config: configs[0].1.clone(),
+            configs,
             dir,
-            config,
             nodes,
             repd_args: spec.repd_args,
+            proxy,
         }
+    }
+
+    /// `node`'s own config file.
+    pub fn config_of(&self, node: &str) -> &Path {
+        &self
+            .configs
+            .iter()
+            .find(|(n, _)| n == node)
+            .unwrap_or_else(|| panic!("no node {node}"))
+            .1
     }
 
     pub fn node(&self, name: &str) -> &NodeHandle {
@@ -243,7 +357,7 @@ impl Cluster {
     pub fn repctl(&self, node: &str, args: &[&str]) -> Out {
         run(Command::new(REPCTL)
             .arg("--config")
-            .arg(&self.config)
+            .arg(self.config_of(node))
             .arg("--node")
             .arg(node)
             .args(args))
@@ -256,9 +370,10 @@ impl Cluster {
             .append(true)
             .open(&self.node(node).log)
             .unwrap();
+        let config = self.config_of(node).to_path_buf();
         let child = Command::new(REPD)
             .arg("--config")
-            .arg(&self.config)
+            .arg(&config)
             .arg("--node")
             .arg(node)
             .args(&self.repd_args)
@@ -469,6 +584,59 @@ impl Cluster {
 
     pub fn log(&self, node: &str) -> String {
         std::fs::read_to_string(&self.node(node).log).unwrap_or_default()
+    }
+
+    /// Two nodes with fresh metadata, both running and connected, alpha
+    /// Primary (forced) and the initial full sync to beta done.
+    pub fn up_pair(&mut self) {
+        for n in ["alpha", "beta"] {
+            self.repctl(n, &["create-md"]).ok();
+            self.start(n);
+        }
+        self.repctl("alpha", &["wait-connect", "--timeout", "20s"])
+            .ok();
+        self.repctl("alpha", &["primary", "--force"]).ok();
+        self.repctl("beta", &["wait-sync", "--timeout", "120s"])
+            .ok();
+    }
+
+    /// The status field at `path` (e.g. `["peer", "disk"]`) of `node`.
+    pub fn field(&self, node: &str, path: &[&str]) -> Value {
+        let mut v = self.status(node);
+        for p in path {
+            v = v[*p].take();
+        }
+        v
+    }
+
+    /// Wait until `node`'s status satisfies `cond`.
+    pub fn wait_status(
+        &self,
+        node: &str,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Value) -> bool,
+    ) -> Value {
+        wait_for(what, timeout, || {
+            let out = self.repctl(node, &["status", "--json"]);
+            if out.code != 0 {
+                return None;
+            }
+            let v: Value = serde_json::from_str(&out.stdout).ok()?;
+            cond(&v).then_some(v)
+        })
+    }
+
+    /// Whether the data areas of both nodes' disks are byte-identical.
+    pub fn data_identical(&self) -> bool {
+        let size = self.size("alpha");
+        let a = std::fs::read(&self.node("alpha").disk).unwrap();
+        let b = std::fs::read(&self.node("beta").disk).unwrap();
+        a[..size as usize] == b[..size as usize]
+    }
+
+    pub fn proxy(&self) -> &proxy::Proxy {
+        self.proxy.as_ref().expect("spec with_proxy()")
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

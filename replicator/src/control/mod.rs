@@ -20,6 +20,17 @@ pub enum Request {
     Secondary,
     Down,
     Events,
+    Connect {
+        #[serde(default)]
+        discard_my_data: bool,
+    },
+    Disconnect,
+    Invalidate,
+    NewCurrentUuid {
+        #[serde(default)]
+        clear_bitmap: bool,
+    },
+    FenceConfirm,
 }
 
 /// The answer to a request. `refused` marks a safety rule (exit 3).

@@ -17,8 +17,23 @@
 //!   both being written (a crash leaves one intact);
 //! - a client request is answered exactly once.
 
+pub mod activity;
+pub mod bitmap;
+mod epochs;
+pub mod fencing;
+pub mod generations;
+mod io;
+mod link;
+mod meta;
 mod node;
-mod rng;
+mod ranges;
+mod resync;
+pub(crate) mod rng;
 pub mod states;
+#[cfg(test)]
+mod tests;
 
-pub use node::{ClientOp, Command, CommandError, IoResult, NbdRefusal, Node, NodeParams, Output};
+pub use node::{
+    ClientOp, Command, CommandError, Device, IoResult, LinkCommand, NbdRefusal, Node, NodeParams,
+    Output,
+};

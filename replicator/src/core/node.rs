@@ -1,17 +1,31 @@
-//! The node state machine (see the module doc of `core` for the model).
+//! The node: its state, its inputs and outputs, and the administrator
+//! commands. The other modules of `core` add `impl` blocks for one concern
+//! each: `meta` (what must be durable before what), `io` (client requests
+//! and the peer's replicated writes), `link` (the connection, the
+//! generation handshake, starting and finishing a resync), `resync` (the
+//! sync source's copy loop).
 
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use tandem_proto::nbd::ErrorCode;
-use tracing::{error, info, warn};
+use tandem_proto::peer::Message;
+use tracing::{info, warn};
 
+use super::activity::ActivityLog;
+use super::bitmap::Bitmap;
+use super::epochs::TransferLog;
+use super::fencing::{FenceFor, Handler};
+use super::generations::Direction;
+use super::ranges::ActiveRanges;
+use super::resync::ResyncSource;
 use super::rng::SplitMix64;
 use super::states::{ConnState, DiskState, ReplState, Role};
 use crate::config::{Fencing, OnIoError};
-use crate::metadata::{MdFlags, Superblock};
-use crate::status::{Counters, EngineStatus, GenerationStatus, PeerStatus, Status};
-use crate::storage::{Done, Op, StorageError};
+use crate::metadata::activity_log::AlTransaction;
+use crate::metadata::{BLOCK_SIZE, MdFlags, Superblock};
+use crate::status::{Counters, EngineStatus, GenerationStatus, PeerStatus, Status, SyncProgress};
+use crate::storage::Op;
 
 /// Fixed facts about this node, from the configuration.
 #[derive(Debug, Clone)]
@@ -22,6 +36,10 @@ pub struct NodeParams {
     pub peer: Option<String>,
     pub fencing: Fencing,
     pub on_io_error: OnIoError,
+    /// Requests in flight toward the peer (`[net] max-buffers`).
+    pub max_buffers: u32,
+    /// Extents in the activity log.
+    pub al_extents: usize,
     /// Seed for generation identifiers.
     pub seed: u64,
 }
@@ -64,9 +82,19 @@ pub enum Command {
         force: bool,
     },
     Secondary,
-    /// Clean stop: demote, record a clean shutdown, then the driver exits.
-    /// The driver has already stopped the NBD server.
+    /// Clean stop: demote, record a clean shutdown. The driver has already
+    /// stopped the NBD server.
     Down,
+    Connect {
+        discard_my_data: bool,
+    },
+    Disconnect,
+    Invalidate,
+    NewCurrentUuid {
+        clear_bitmap: bool,
+    },
+    /// The operator states that the (disconnected) peer is powered off.
+    FenceConfirm,
 }
 
 /// Why a command failed. `refused` marks a safety rule (exit status 3); the
@@ -78,14 +106,14 @@ pub struct CommandError {
 }
 
 impl CommandError {
-    fn refused(message: impl Into<String>) -> Self {
+    pub(super) fn refused(message: impl Into<String>) -> Self {
         CommandError {
             refused: true,
             message: format!("refused: {}", message.into()),
         }
     }
 
-    fn failed(message: impl Into<String>) -> Self {
+    pub(super) fn failed(message: impl Into<String>) -> Self {
         CommandError {
             refused: false,
             message: message.into(),
@@ -100,15 +128,30 @@ pub enum NbdRefusal {
     ShuttingDown,
 }
 
+/// Which device a storage op is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Data,
+    Meta,
+}
+
+/// What the link driver should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkCommand {
+    /// Keep a link to the peer up: accept and dial.
+    Connect,
+    /// No link: close any, stop dialing and accepting.
+    StandAlone,
+    /// Close the current link (protocol error, refusal); keep connecting.
+    Drop(String),
+}
+
 /// What the driver must do, in the order given.
 #[derive(Debug)]
 pub enum Output<T> {
-    /// Submit a data-area operation to storage; report with
-    /// [`Node::handle_local_done`].
-    Submit { id: u64, op: Op },
-    /// Write `data` at `offset` of the metadata device, durably (FUA);
-    /// report with [`Node::handle_meta_written`].
-    WriteMeta { seq: u64, offset: u64, data: Bytes },
+    /// Submit a storage op; report with [`Node::handle_io_done`]. Writes to
+    /// the metadata device are always FUA.
+    Submit { id: u64, device: Device, op: Op },
     /// Answer a client request.
     Reply { token: T, result: IoResult },
     /// Answer an administrator command.
@@ -116,64 +159,432 @@ pub enum Output<T> {
         id: u64,
         result: Result<String, CommandError>,
     },
+    /// Send a message to the peer (in order).
+    Send(Message),
+    /// Change what the link driver does.
+    Link(LinkCommand),
     /// The user-visible state changed; publish an event.
     StateChanged { event: &'static str },
+    /// Run a configured handler; report its exit with
+    /// [`Node::handle_handler_exit`].
+    RunHandler { id: u64, handler: Handler },
 }
 
-/// What follows once a superblock write is durable.
+/// Why a storage op was submitted.
 #[derive(Debug)]
-enum Deferred {
-    BecomePrimary { cmd: u64 },
-    Demoted { cmd: u64 },
-    Stopped { cmd: u64 },
+pub(super) enum Purpose<T> {
+    Read {
+        token: T,
+    },
+    /// The local half of client write `w`.
+    Write {
+        w: u64,
+    },
+    Flush {
+        f: u64,
+    },
+    /// Applying the peer's replicated write (we are Secondary).
+    Apply {
+        peer_id: u64,
+        start: u64,
+        end: u64,
+    },
+    ApplyFlush {
+        peer_id: u64,
+    },
+    /// Reading resync chunk `owner`, bytes `[start, end)`, as sync source.
+    ResyncRead {
+        owner: u64,
+        start: u64,
+        end: u64,
+    },
+    /// Writing resync data as sync target.
+    ResyncWrite {
+        start: u64,
+        end: u64,
+    },
+    /// Sync target's flush before it declares itself UpToDate; it covers
+    /// the resync writes before sequence `upto`.
+    TargetFlush {
+        upto: u64,
+    },
+    /// Sync target's periodic flush; then the marks of the resync writes
+    /// before sequence `upto` may go.
+    TargetCheckpoint {
+        upto: u64,
+    },
+    Superblock {
+        seq: u64,
+    },
+    BitmapPage {
+        page: usize,
+        version: u64,
+    },
+    /// The flush before an activity-log transaction that evicts extents.
+    AlFlush,
+    AlWrite {
+        number: u64,
+    },
+    /// The local flush before a clean stop or demotion retires the log.
+    RetireFlush,
 }
 
-/// A request waiting for storage.
+/// What a client write is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// Its range overlaps a write in flight.
+    Range,
+    /// Admitted; waiting for the link handshake, buffers, or durable
+    /// metadata before it can start.
+    Blocked,
+    /// Local and/or peer parts in flight.
+    Running,
+    /// Both parts done; waiting for out-of-sync marks to be durable.
+    Finishing,
+}
+
+/// The peer half of a replicated write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PeerPart {
+    /// Not replicated: the blocks are marked out of sync instead.
+    None,
+    Pending(u64),
+    Acked,
+    /// The peer failed it or the link went: the blocks must be marked.
+    Lost,
+}
+
 #[derive(Debug)]
-struct Pending<T> {
-    token: T,
-    /// Bytes written, for the counters (0 for reads and flushes).
-    written: u64,
+pub(super) struct Write<T> {
+    pub token: T,
+    pub start: u64,
+    pub end: u64,
+    /// The storage op for the local half.
+    pub op: Op,
+    /// The message for the peer half.
+    pub msg: Message,
+    pub stage: Stage,
+    pub local: Option<Result<(), ErrorCode>>,
+    pub peer: PeerPart,
+}
+
+#[derive(Debug)]
+pub(super) struct Flush<T> {
+    pub token: T,
+    pub local: Option<Result<(), ErrorCode>>,
+    /// Peer flush in flight, if any.
+    pub peer: Option<u64>,
+    pub started: bool,
+}
+
+/// Our requests the peer has not answered yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PeerReq {
+    Write {
+        w: u64,
+    },
+    /// A client flush, or (None) a barrier that bounds the transfer log.
+    Flush {
+        f: Option<u64>,
+    },
+    Promote {
+        cmd: u64,
+        force: bool,
+    },
+    /// The peer flush before an activity-log eviction.
+    AlBarrier,
+    /// The peer flush before a clean stop or demotion.
+    Retire,
+}
+
+/// The connection handshake and replication phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Our state is sent; waiting for the peer's.
+    AwaitState,
+    /// A resync was decided; exchanging bitmaps.
+    Bitmaps { dir: Direction, peer_done: bool },
+    /// Making the merged bitmap (and the source's new bitmap generation)
+    /// durable before the resync starts.
+    Starting { dir: Direction },
+    /// Source: waiting for the target to be Inconsistent (`ready`), then
+    /// copying.
+    SyncSource { ready: bool },
+    /// Target: receiving the resync.
+    SyncTarget,
+    /// Replicating, no resync.
+    Established,
+}
+
+/// What we know of the peer, from its last `State`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PeerInfo {
+    pub role: Role,
+    pub disk: DiskState,
+    pub state: tandem_proto::peer::PeerState,
+}
+
+/// Everything that exists only while a link is up.
+#[derive(Debug)]
+pub(super) struct Link {
+    pub peer: Option<PeerInfo>,
+    pub phase: Phase,
+    pub next_req: u64,
+    pub reqs: HashMap<u64, PeerReq>,
+    /// Resync chunks sent and not acknowledged, by byte offset.
+    pub resync_sent: HashMap<u64, u64>,
+    pub tl: TransferLog,
+    pub resync: Option<ResyncSource>,
+    /// Target: the source's new bitmap generation, once received.
+    pub sync_uuid: Option<u64>,
+    /// Target: the resync is complete on the source's side.
+    pub resync_done: bool,
+    /// We granted the peer a promotion and have not seen its new state.
+    pub peer_promoting: bool,
+    /// The marked-block count in the last state we sent: the handshake
+    /// decides on what the peer saw.
+    pub sent_dirty: u64,
+}
+
+impl Link {
+    pub fn new() -> Self {
+        Link {
+            peer: None,
+            phase: Phase::AwaitState,
+            next_req: 0,
+            reqs: HashMap::new(),
+            resync_sent: HashMap::new(),
+            tl: TransferLog::default(),
+            resync: None,
+            sync_uuid: None,
+            resync_done: false,
+            peer_promoting: false,
+            sent_dirty: 0,
+        }
+    }
+
+    pub fn req(&mut self, r: PeerReq) -> u64 {
+        let id = self.next_req;
+        self.next_req += 1;
+        self.reqs.insert(id, r);
+        id
+    }
+}
+
+/// Durability a continuation waits for.
+#[derive(Debug, Clone)]
+pub(super) enum Need {
+    /// Superblock sequence `seq` durable.
+    Md(u64),
+    /// These bitmap pages durable at least at these versions.
+    Pages(Vec<(usize, u64)>),
+    /// Every bitmap page durable (and the superblock at `seq`).
+    Everything(u64),
+}
+
+/// What runs once a [`Need`] is met.
+#[derive(Debug)]
+pub(super) enum Deferred {
+    CommandOk {
+        cmd: u64,
+        message: &'static str,
+    },
+    BecomePrimary {
+        cmd: u64,
+        connected: bool,
+    },
+    /// Re-check blocked client writes and flushes.
+    Resume,
+    /// Answer write `w` (its out-of-sync marks are durable).
+    FinishWrite {
+        w: u64,
+    },
+    FinishFlush {
+        f: u64,
+    },
+    /// Merged bitmap and generations durable: go on starting the resync.
+    SyncStarting,
+    /// Target: Inconsistent state durable; tell the source.
+    TargetReady,
+    /// Target: UpToDate state durable; tell the source.
+    TargetFinished,
+    /// Source: final generations durable.
+    SourceFinished,
+    /// State changed durably; tell the peer.
+    SendState,
+    /// The crashed Primary's activity-log regions are durably marked.
+    AlApplied,
+    /// Tell the peer we are stopping.
+    Goodbye,
+    /// Fencing confirmed for a pending promotion: go on with it.
+    PromoteFenced {
+        cmd: u64,
+    },
+    /// Every bitmap page is durable: the activity-log transaction that
+    /// evicts extents may be written.
+    AlWrite,
+    /// Both retirement flushes done and every bitmap page durable: the log
+    /// may be marked clean, then `then` runs.
+    Retired {
+        then: Vec<Deferred>,
+    },
 }
 
 pub struct Node<T> {
-    params: NodeParams,
-    role: Role,
-    disk: DiskState,
-    /// The superblock as it should be (persisted or about to be).
-    md: Superblock,
-    /// Sequence of the superblock write in flight, if any.
-    md_in_flight: Option<u64>,
-    /// Highest sequence known durable.
-    md_durable: u64,
-    deferred: Vec<(u64, Deferred)>,
-    pending: HashMap<u64, Pending<T>>,
-    next_id: u64,
-    nbd_clients: u32,
-    stopping: bool,
-    rng: SplitMix64,
-    counters: Counters,
-    outputs: VecDeque<Output<T>>,
+    pub(super) p: NodeParams,
+    pub(super) role: Role,
+    pub(super) disk: DiskState,
+    pub(super) md: Superblock,
+    pub(super) md_in_flight: Option<u64>,
+    pub(super) md_durable: u64,
+    pub(super) bitmap: Bitmap,
+    pub(super) page_writes: HashMap<usize, u64>,
+    pub(super) waits: Vec<(Need, Deferred)>,
+    pub(super) ops: HashMap<u64, Purpose<T>>,
+    pub(super) next_id: u64,
+    pub(super) writes: HashMap<u64, Write<T>>,
+    pub(super) flushes: HashMap<u64, Flush<T>>,
+    /// Admitted writes (by id) not yet started, in arrival order.
+    pub(super) blocked: VecDeque<u64>,
+    /// Flushes not yet started, in arrival order.
+    pub(super) blocked_flushes: VecDeque<u64>,
+    /// A `Deferred::Resume` is already waiting.
+    pub(super) resume_pending: bool,
+    pub(super) ranges: ActiveRanges,
+    /// What each range owner is: a client write, a resync chunk.
+    pub(super) range_owner: HashMap<u64, RangeOwner>,
+    pub(super) conn: ConnState,
+    pub(super) link: Option<Link>,
+    pub(super) split_brain: bool,
+    pub(super) discard_my_data: bool,
+    /// Why the last connection was refused, for status.
+    pub(super) last_error: Option<String>,
+    /// The generation rule that decided the last connection, for status.
+    pub(super) last_rule: Option<String>,
+    /// Superblock sequence that must be durable before writes the peer
+    /// does not get (a generation rotation).
+    pub(super) degraded_seq: u64,
+    pub(super) nbd_clients: u32,
+    pub(super) stopping: bool,
+    pub(super) rng: SplitMix64,
+    pub(super) counters: Counters,
+    pub(super) outputs: VecDeque<Output<T>>,
+    /// Blocks the running resync set out to copy, and has copied.
+    pub(super) sync_total: u64,
+    pub(super) sync_done: u64,
+    /// Sync target: resync writes completed but not yet known durable, as
+    /// (sequence, blocks); their marks are cleared after a flush.
+    pub(super) pending_clears: VecDeque<(u64, (u64, u64))>,
+    pub(super) next_clear_seq: u64,
+    /// A checkpoint flush is in flight.
+    pub(super) checkpointing: bool,
+    pub(super) al: ActivityLog,
+    /// The activity-log transaction waiting for its flushes, or in flight.
+    pub(super) al_pending: Option<AlTransaction>,
+    /// A retirement in progress: flushes outstanding on this node and the
+    /// peer, and what runs once everything is flushed and recorded.
+    pub(super) retiring: Option<Retiring>,
+    /// Client I/O is suspended until fencing confirms (resource-and-stonith).
+    pub(super) io_suspended: bool,
+    /// Client requests that arrived while suspended, in order.
+    pub(super) frozen: VecDeque<(T, ClientOp)>,
+    /// Writes and flushes whose answers wait for the suspension to end.
+    pub(super) held_writes: Vec<u64>,
+    pub(super) held_flushes: Vec<u64>,
+    /// fence-peer runs in progress.
+    pub(super) fencing: Vec<(u64, FenceFor)>,
+}
+
+/// Flushing both nodes before the activity log is marked clean.
+#[derive(Debug, Default)]
+pub(super) struct Retiring {
+    pub local: bool,
+    pub peer: Option<u64>,
+    pub then: Vec<Deferred>,
+}
+
+/// Who holds an active range.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum RangeOwner {
+    Write(u64),
+    Resync { start: u64, end: u64 },
+}
+
+/// Disk state codes on the wire (`PeerState::disk`).
+pub(super) fn disk_code(d: DiskState) -> u8 {
+    d as u8
+}
+
+pub(super) fn disk_from_code(c: u8) -> DiskState {
+    use DiskState::*;
+    [
+        Diskless,
+        Failed,
+        Inconsistent,
+        Outdated,
+        DUnknown,
+        Consistent,
+        UpToDate,
+    ]
+    .get(c as usize)
+    .copied()
+    .unwrap_or(DUnknown)
 }
 
 impl<T> Node<T> {
-    /// Attach a disk whose superblock is `md` (read at start).
-    pub fn new(params: NodeParams, md: Superblock) -> Self {
+    /// Attach a disk: its superblock, on-disk bitmap and newest activity-log
+    /// transaction, read at start.
+    pub fn new(
+        params: NodeParams,
+        md: Superblock,
+        bitmap: Bitmap,
+        al: Option<AlTransaction>,
+    ) -> Self {
         let mut node = Node {
             role: Role::Secondary,
             disk: DiskState::Inconsistent,
             md_durable: md.sequence,
             md,
             md_in_flight: None,
-            deferred: Vec::new(),
-            pending: HashMap::new(),
+            bitmap,
+            page_writes: HashMap::new(),
+            waits: Vec::new(),
+            ops: HashMap::new(),
             next_id: 0,
+            writes: HashMap::new(),
+            flushes: HashMap::new(),
+            blocked: VecDeque::new(),
+            blocked_flushes: VecDeque::new(),
+            resume_pending: false,
+            ranges: ActiveRanges::default(),
+            range_owner: HashMap::new(),
+            conn: ConnState::StandAlone,
+            link: None,
+            split_brain: false,
+            discard_my_data: false,
+            last_error: None,
+            last_rule: None,
+            degraded_seq: 0,
+
             nbd_clients: 0,
             stopping: false,
             rng: SplitMix64::new(params.seed),
             counters: Counters::default(),
             outputs: VecDeque::new(),
-            params,
+            sync_total: 0,
+            sync_done: 0,
+            pending_clears: VecDeque::new(),
+            next_clear_seq: 0,
+            checkpointing: false,
+            al: ActivityLog::new(params.al_extents, al.as_ref()),
+            al_pending: None,
+            retiring: None,
+            io_suspended: false,
+            frozen: VecDeque::new(),
+            held_writes: Vec::new(),
+            held_flushes: Vec::new(),
+            fencing: Vec::new(),
+            p: params,
         };
         node.disk = node.attach_disk_state();
         if node.md.flags.has(MdFlags::PRIMARY_IND) {
@@ -181,16 +592,25 @@ impl<T> Node<T> {
             // the generation rules use it to pick the resync direction.
             warn!(
                 "disk was Primary when {} last stopped: marking it as a crashed Primary",
-                node.params.node
+                node.p.node
             );
             node.md.flags.set(MdFlags::PRIMARY_IND, false);
             node.md.flags.set(MdFlags::CRASHED_PRIMARY, true);
             node.persist();
         }
+        if !node.md.flags.has(MdFlags::AL_CLEAN) && node.p.peer.is_some() {
+            node.apply_al();
+        }
         info!(
-            "attached disk: {} (generation {:016x})",
-            node.disk, node.md.generations.current
+            "attached disk: {} (generation {:016x}, {} blocks out of sync)",
+            node.disk,
+            node.md.generations.current,
+            node.bitmap.count()
         );
+        if node.p.peer.is_some() {
+            node.conn = ConnState::Connecting;
+            node.outputs.push_back(Output::Link(LinkCommand::Connect));
+        }
         node
     }
 
@@ -207,8 +627,8 @@ impl<T> Node<T> {
             return DiskState::Outdated;
         }
         if f.has(MdFlags::PEER_OUT_DATED)
-            || self.params.fencing == Fencing::DontCare
-            || self.params.peer.is_none()
+            || self.p.fencing == Fencing::DontCare
+            || self.p.peer.is_none()
         {
             DiskState::UpToDate
         } else {
@@ -236,101 +656,107 @@ impl<T> Node<T> {
         &self.md
     }
 
+    pub fn bitmap(&self) -> &Bitmap {
+        &self.bitmap
+    }
+
     pub fn nbd_clients(&self) -> u32 {
         self.nbd_clients
     }
 
-    fn event(&mut self, event: &'static str) {
+    pub fn connection(&self) -> ConnState {
+        self.conn
+    }
+
+    pub fn replication(&self) -> ReplState {
+        match self.link.as_ref().map(|l| l.phase) {
+            None | Some(Phase::AwaitState) => ReplState::Off,
+            Some(Phase::Established) => ReplState::Established,
+            Some(Phase::SyncSource { .. }) => ReplState::SyncSource,
+            Some(Phase::SyncTarget) => ReplState::SyncTarget,
+            Some(Phase::Bitmaps { dir, .. } | Phase::Starting { dir }) => match dir {
+                Direction::Source => ReplState::SyncSource,
+                Direction::Target => ReplState::SyncTarget,
+            },
+        }
+    }
+
+    /// The peer's role and disk as last reported, if connected.
+    pub fn peer_state(&self) -> Option<(Role, DiskState)> {
+        self.link.as_ref()?.peer.map(|p| (p.role, p.disk))
+    }
+
+    pub fn split_brain(&self) -> bool {
+        self.split_brain
+    }
+
+    /// A one-line summary of internal state, for debugging stuck schedules.
+    pub fn debug_state(&self) -> String {
+        let link = self.link.as_ref().map(|l| {
+            format!(
+                "phase={:?} reqs={:?} resync={:?} sync_uuid={:?} resync_sent={} peer={:?}",
+                l.phase,
+                l.reqs,
+                l.resync,
+                l.sync_uuid,
+                l.resync_sent.len(),
+                l.peer.map(|p| (p.role, p.disk))
+            )
+        });
+        format!(
+            "flags={:?} role={:?} disk={:?} md_seq={} md_durable={} md_in_flight={:?} waits={:?} ops={} writes={} blocked={} ranges_owned={} dirty_pages={:?} page_writes={:?} al_pending={:?} al={:?} resume_pending={} retiring={:?} suspended={} link={link:?}",
+            self.md.flags,
+            self.role,
+            self.disk,
+            self.md.sequence,
+            self.md_durable,
+            self.md_in_flight,
+            self.waits,
+            self.ops.len(),
+            self.writes.len(),
+            self.blocked.len(),
+            self.range_owner.len(),
+            self.bitmap.dirty_pages().collect::<Vec<_>>(),
+            self.page_writes,
+            self.al_pending.as_ref().map(|t| t.number),
+            self.al,
+            self.resume_pending,
+            self.retiring,
+            self.io_suspended,
+        )
+    }
+
+    pub(super) fn event(&mut self, event: &'static str) {
         self.outputs.push_back(Output::StateChanged { event });
     }
 
-    // ----- metadata -------------------------------------------------------
-
-    /// Queue a durable write of `self.md` with a new sequence number. Only
-    /// one superblock write is ever in flight: the two slots alternate, so
-    /// writing both at once could tear both.
-    fn persist(&mut self) -> u64 {
-        self.md.sequence += 1;
-        if self.md_in_flight.is_none() {
-            self.write_md();
-        }
-        self.md.sequence
+    pub(super) fn send(&mut self, msg: Message) {
+        self.outputs.push_back(Output::Send(msg));
     }
 
-    fn write_md(&mut self) {
-        let seq = self.md.sequence;
-        self.md_in_flight = Some(seq);
-        let offset = self.md.layout.superblock_offset(seq % 2);
-        self.outputs.push_back(Output::WriteMeta {
-            seq,
-            offset,
-            data: Bytes::from(self.md.encode()),
-        });
+    pub(super) fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
     }
 
-    fn after_persisted(&mut self, seq: u64, then: Deferred) {
-        if self.md_durable >= seq {
-            self.run_deferred(then, Ok(()));
-        } else {
-            self.deferred.push((seq, then));
-        }
+    /// Submit a storage op for `purpose`.
+    pub(super) fn submit(&mut self, device: Device, op: Op, purpose: Purpose<T>) {
+        let id = self.next_id();
+        self.ops.insert(id, purpose);
+        self.outputs.push_back(Output::Submit { id, device, op });
     }
 
-    /// A superblock write finished.
-    pub fn handle_meta_written(&mut self, seq: u64, result: Result<(), StorageError>) {
-        debug_assert_eq!(self.md_in_flight, Some(seq));
-        self.md_in_flight = None;
-        if let Err(e) = &result {
-            error!("metadata write failed: {e}; the disk is Failed");
-            self.set_disk(DiskState::Failed);
-        } else {
-            self.md_durable = seq;
-        }
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
-            .into_iter()
-            .partition(|(s, _)| *s <= seq || result.is_err());
-        self.deferred = waiting;
-        for (_, then) in ready {
-            let r = result
-                .clone()
-                .map_err(|e| format!("writing metadata failed: {e}"));
-            self.run_deferred(then, r);
-        }
-        if result.is_ok() && self.md.sequence > seq {
-            self.write_md();
-        }
-    }
-
-    fn run_deferred(&mut self, then: Deferred, result: Result<(), String>) {
-        let done = |cmd, msg: &str, r: &Result<(), String>| Output::CommandDone {
-            id: cmd,
-            result: r
-                .clone()
-                .map(|()| msg.to_string())
-                .map_err(CommandError::failed),
-        };
-        match then {
-            Deferred::BecomePrimary { cmd } => {
-                if result.is_ok() {
-                    self.role = Role::Primary;
-                    info!("{} is now Primary", self.params.node);
-                    self.event("role");
-                }
-                self.outputs.push_back(done(cmd, "now Primary", &result));
-            }
-            Deferred::Demoted { cmd } => {
-                self.outputs.push_back(done(cmd, "now Secondary", &result))
-            }
-            Deferred::Stopped { cmd } => self.outputs.push_back(done(cmd, "stopped", &result)),
-        }
-    }
-
-    fn set_disk(&mut self, disk: DiskState) {
+    pub(super) fn set_disk(&mut self, disk: DiskState) {
         if self.disk != disk {
             info!("disk state {} -> {}", self.disk, disk);
             self.disk = disk;
             self.event("disk");
         }
+    }
+
+    pub(super) fn command_done(&mut self, id: u64, result: Result<String, CommandError>) {
+        self.outputs.push_back(Output::CommandDone { id, result });
     }
 
     // ----- commands -------------------------------------------------------
@@ -340,10 +766,14 @@ impl<T> Node<T> {
             Command::Primary { force } => self.promote(id, force),
             Command::Secondary => self.demote(id),
             Command::Down => self.stop(id),
+            Command::Connect { discard_my_data } => self.connect(id, discard_my_data),
+            Command::Disconnect => self.disconnect(id),
+            Command::Invalidate => self.invalidate(id),
+            Command::NewCurrentUuid { clear_bitmap } => self.new_current_uuid(id, clear_bitmap),
+            Command::FenceConfirm => self.fence_confirm(id),
         };
         if let Err(e) = result {
-            self.outputs
-                .push_back(Output::CommandDone { id, result: Err(e) });
+            self.command_done(id, Err(e));
         }
     }
 
@@ -352,69 +782,150 @@ impl<T> Node<T> {
             return Err(CommandError::failed("repd is stopping"));
         }
         if self.role == Role::Primary {
-            self.outputs.push_back(Output::CommandDone {
-                id: cmd,
-                result: Ok("already Primary".into()),
-            });
+            self.command_done(cmd, Ok("already Primary".into()));
             return Ok(());
         }
-        match self.disk {
-            DiskState::UpToDate => {}
-            DiskState::Diskless | DiskState::Failed => {
-                return Err(CommandError::failed(format!(
-                    "cannot become Primary: the disk is {}",
-                    self.disk
-                )));
-            }
-            _ if force => {
-                warn!(
-                    "primary --force on {}: declaring {} data UpToDate; if the peer has newer data this causes split-brain",
-                    self.params.node, self.disk
-                );
-            }
-            _ => {
+        if let Some(link) = &self.link {
+            // Rule 1: never two Primaries while connected.
+            if link.peer.is_some_and(|p| p.role == Role::Primary) || link.peer_promoting {
                 return Err(CommandError::refused(format!(
-                    "need UpToDate data to become Primary, but the disk is {}; \
-                     `repctl primary --force` declares this node's data the good copy",
-                    self.disk
+                    "the connected peer {} is Primary (two Primaries while connected are never allowed); \
+                     demote it with `repctl secondary` there first",
+                    self.p.peer.as_deref().unwrap_or("?")
                 )));
             }
         }
-        // The generation rotates when a disconnected node is promoted (here
-        // always: there is no link yet) and the bitmap generation is unused,
-        // or on --force, as DRBD's drbd_set_role does. It is durable before
-        // the role changes (Deferred::BecomePrimary).
-        if force || self.md.generations.bitmap == 0 {
-            self.new_current_generation();
+        self.check_promotable(force)?;
+        if self.link.is_none() && self.fencing_on() && !self.peer_known_outdated() {
+            if force {
+                warn!(
+                    "primary --force on {} without fencing confirmation: if the peer is alive and writing, this is a split-brain",
+                    self.p.node
+                );
+            } else {
+                // Rule 2: a node that cannot see its peer becomes Primary only
+                // once fencing confirmed the peer cannot write.
+                info!(
+                    "promotion while disconnected: asking fence-peer to confirm the peer is outdated or dead"
+                );
+                self.start_fencing(FenceFor::Promote { cmd });
+                return Ok(());
+            }
         }
-        self.md.flags.set(MdFlags::PRIMARY_IND, true);
-        self.md.flags.set(MdFlags::CRASHED_PRIMARY, false);
-        if force {
+        if let Some(link) = &mut self.link {
+            // Ask the peer first: it grants only if it is not Primary and not
+            // being promoted itself, so two promotions cannot both succeed.
+            let req = link.req(PeerReq::Promote { cmd, force });
+            self.send(Message::PromoteRequest { id: req });
+            return Ok(());
+        }
+        self.do_promote(cmd, force, false);
+        Ok(())
+    }
+
+    pub(super) fn check_promotable(&self, force: bool) -> Result<(), CommandError> {
+        // A node the handshake chose as sync target is refused, forced or
+        // not, from the bitmap exchange on: its data is about to be (or is
+        // being) overwritten by the peer's, and a Primary cannot be a sync
+        // target. It is still UpToDate until it takes the sync generation,
+        // so the disk-state test below would let it through.
+        let target = self.link.as_ref().is_some_and(|l| {
+            matches!(
+                l.phase,
+                Phase::SyncTarget
+                    | Phase::Bitmaps {
+                        dir: Direction::Target,
+                        ..
+                    }
+                    | Phase::Starting {
+                        dir: Direction::Target
+                    }
+            )
+        });
+        if target {
+            return Err(CommandError::refused(
+                "this node is sync target of a resync from the peer: wait for it (`repctl wait-sync`), \
+                 or `repctl disconnect` first",
+            ));
+        }
+        match self.disk {
+            DiskState::UpToDate => Ok(()),
+            DiskState::Diskless | DiskState::Failed => Err(CommandError::failed(format!(
+                "cannot become Primary: the disk is {}",
+                self.disk
+            ))),
+            // Forcing stale data over a connected peer's good copy would
+            // leave this node Primary over a resync in progress (as target).
+            _ if force
+                && self.link.as_ref().is_some_and(|l| {
+                    l.phase == Phase::SyncTarget || l.peer.is_some_and(|p| p.disk > self.disk)
+                }) =>
+            {
+                Err(CommandError::refused(format!(
+                    "the disk is {} and the connected peer has better data: wait for the resync \
+                     (`repctl wait-sync`), or `repctl disconnect` first to declare this node's data the good copy",
+                    self.disk
+                )))
+            }
+            _ if force => Ok(()),
+            _ => Err(CommandError::refused(format!(
+                "need UpToDate data to become Primary, but the disk is {}; \
+                 `repctl primary --force` declares this node's data the good copy",
+                self.disk
+            ))),
+        }
+    }
+
+    pub(super) fn do_promote(&mut self, cmd: u64, force: bool, connected: bool) {
+        if force && self.disk != DiskState::UpToDate {
+            warn!(
+                "primary --force on {}: declaring {} data UpToDate; if the peer has newer data this causes split-brain",
+                self.p.node, self.disk
+            );
             self.md.flags.set(MdFlags::CONSISTENT, true);
             self.md.flags.set(MdFlags::WAS_UP_TO_DATE, true);
             self.set_disk(DiskState::UpToDate);
         }
+        // The generation rotates when a disconnected node is promoted and
+        // its current generation may be one the peer holds too, or on
+        // --force. DRBD tests "bitmap generation unused" instead, but a
+        // sync source sets its bitmap generation at resync start without
+        // rotating, so a promotion after a link lost mid-resync would write
+        // under the peer's own current generation and a later handshake
+        // would resync over those writes (docs/durability.md). It is
+        // durable before the role changes.
+        if force || (!connected && !self.md.flags.has(MdFlags::CURRENT_UNSHARED)) {
+            self.new_current_generation();
+        }
+        self.md.flags.set(MdFlags::PRIMARY_IND, true);
+        self.md.flags.set(MdFlags::CRASHED_PRIMARY, false);
+        if self.al_enabled() {
+            // From now on the log is live: a crash must apply it.
+            self.md.flags.set(MdFlags::AL_CLEAN, false);
+        }
         let seq = self.persist();
-        self.after_persisted(seq, Deferred::BecomePrimary { cmd });
-        Ok(())
+        self.wait(Need::Md(seq), Deferred::BecomePrimary { cmd, connected });
     }
 
-    /// Bitmap generation ← current, current ← new random value.
-    fn new_current_generation(&mut self) {
+    /// Bitmap generation ← current (or, when the bitmap generation is in
+    /// use, history ← current), current ← new random value. The old current
+    /// stays findable, so a peer still at it is recognised as behind.
+    pub(super) fn new_current_generation(&mut self) {
         let g = &mut self.md.generations;
         if g.bitmap == 0 {
             g.bitmap = g.current;
+        } else if g.current != g.bitmap && g.current != crate::metadata::UUID_JUST_CREATED {
+            g.history = [g.current, g.history[0]];
         }
         g.current = self.rng.generation();
+        // Persisted by the caller, with the generation.
+        self.md.flags.set(MdFlags::CURRENT_UNSHARED, true);
         info!("new current generation {:016x}", g.current);
     }
 
     fn demote(&mut self, cmd: u64) -> Result<(), CommandError> {
         if self.role == Role::Secondary {
-            self.outputs.push_back(Output::CommandDone {
-                id: cmd,
-                result: Ok("already Secondary".into()),
-            });
+            self.command_done(cmd, Ok("already Secondary".into()));
             return Ok(());
         }
         // Demoting under an attached client would fail its I/O; the rule
@@ -426,12 +937,24 @@ impl<T> Node<T> {
                 self.nbd_clients
             )));
         }
+        // Requests in flight belong to a client that was attached a moment
+        // ago; they finish as a Primary's.
+        if !self.writes.is_empty() || !self.flushes.is_empty() || !self.frozen.is_empty() {
+            return Err(CommandError::refused(
+                "client requests are still in flight; retry when they are answered",
+            ));
+        }
         self.role = Role::Secondary;
-        info!("{} is now Secondary", self.params.node);
+        info!("{} is now Secondary", self.p.node);
         self.event("role");
         self.md.flags.set(MdFlags::PRIMARY_IND, false);
-        let seq = self.persist();
-        self.after_persisted(seq, Deferred::Demoted { cmd });
+        // Both nodes flush what this Primary wrote before the log is
+        // retired and the demotion answered.
+        self.retire(Deferred::CommandOk {
+            cmd,
+            message: "now Secondary",
+        });
+        self.retire(Deferred::SendState);
         Ok(())
     }
 
@@ -442,9 +965,41 @@ impl<T> Node<T> {
             self.event("role");
         }
         self.md.flags.set(MdFlags::PRIMARY_IND, false);
-        self.md.flags.set(MdFlags::AL_CLEAN, true);
+        // Both nodes flush, the log is retired, and every bitmap page (the
+        // cleared marks too) is written: the disk is exact after a clean
+        // stop.
+        self.retire(Deferred::Goodbye);
+        self.retire(Deferred::CommandOk {
+            cmd,
+            message: "stopped",
+        });
+        Ok(())
+    }
+
+    fn invalidate(&mut self, cmd: u64) -> Result<(), CommandError> {
+        if self.role == Role::Primary {
+            return Err(CommandError::refused(
+                "a Primary cannot discard its own data; demote it (`repctl secondary`) first",
+            ));
+        }
+        if self.p.peer.is_none() {
+            return Err(CommandError::failed(
+                "a single-node resource has no peer to resync from",
+            ));
+        }
+        info!("invalidate: every block out of sync, full resync from the peer");
+        self.bitmap.set_all();
+        self.md.flags.set(MdFlags::CONSISTENT, false);
+        self.set_disk(DiskState::Inconsistent);
         let seq = self.persist();
-        self.after_persisted(seq, Deferred::Stopped { cmd });
+        self.wait(
+            Need::Everything(seq),
+            Deferred::CommandOk {
+                cmd,
+                message: "invalidated: full resync from the peer",
+            },
+        );
+        self.wait(Need::Everything(seq), Deferred::SendState);
         Ok(())
     }
 
@@ -466,13 +1021,13 @@ impl<T> Node<T> {
         if self.role != Role::Primary {
             return Err(NbdRefusal::NotServing(format!(
                 "node {} of resource {} is {}; only the Primary serves I/O",
-                self.params.node, self.params.resource, self.role
+                self.p.node, self.p.resource, self.role
             )));
         }
         if self.disk != DiskState::UpToDate {
             return Err(NbdRefusal::NotServing(format!(
                 "node {} has no usable disk ({})",
-                self.params.node, self.disk
+                self.p.node, self.disk
             )));
         }
         Ok(())
@@ -483,561 +1038,54 @@ impl<T> Node<T> {
         self.event("nbd-client");
     }
 
-    // ----- client I/O -----------------------------------------------------
-
-    pub fn handle_client(&mut self, token: T, op: ClientOp) {
-        if let Err(e) = self.check_client(&op) {
-            self.outputs.push_back(Output::Reply {
-                token,
-                result: Err(e),
-            });
-            return;
-        }
-        let (op, written) = match op {
-            ClientOp::Read { offset, len } => (
-                Op::Read {
-                    offset,
-                    len: len as usize,
-                },
-                0,
-            ),
-            ClientOp::Write { offset, data, fua } => {
-                let n = data.len() as u64;
-                (Op::Write { offset, data, fua }, n)
-            }
-            ClientOp::Flush => (Op::Flush, 0),
-            ClientOp::Trim {
-                offset,
-                len,
-                fua: _,
-            } => (
-                Op::Discard {
-                    offset,
-                    len: len.into(),
-                },
-                0,
-            ),
-            ClientOp::WriteZeroes {
-                offset,
-                len,
-                no_hole,
-                fast,
-                fua,
-            } => (
-                Op::WriteZeroes {
-                    offset,
-                    len: len.into(),
-                    may_unmap: !no_hole,
-                    fast_only: fast,
-                    fua,
-                },
-                0,
-            ),
-        };
-        // TRIM is advisory (its range reads back unspecified data), so its
-        // FUA flag asks for nothing that must survive a crash.
-        let id = self.next_id;
-        self.next_id += 1;
-        self.pending.insert(id, Pending { token, written });
-        self.outputs.push_back(Output::Submit { id, op });
-    }
-
-    fn check_client(&self, op: &ClientOp) -> Result<(), ErrorCode> {
-        if self.stopping {
-            return Err(ErrorCode::Shutdown);
-        }
-        if self.role != Role::Primary || self.disk != DiskState::UpToDate {
-            return Err(ErrorCode::Io);
-        }
-        let size = self.size();
-        let (offset, len, is_write) = match op {
-            ClientOp::Read { offset, len } => (*offset, u64::from(*len), false),
-            ClientOp::Write { offset, data, .. } => (*offset, data.len() as u64, true),
-            ClientOp::Flush => return Ok(()),
-            ClientOp::Trim { offset, len, .. } => (*offset, u64::from(*len), false),
-            ClientOp::WriteZeroes { offset, len, .. } => (*offset, u64::from(*len), true),
-        };
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
-            _ if is_write => Err(ErrorCode::NoSpace),
-            _ => Err(ErrorCode::Invalid),
-        }
-    }
-
-    /// A data-area operation submitted with [`Output::Submit`] finished.
-    pub fn handle_local_done(&mut self, id: u64, result: Result<Done, StorageError>) {
-        let Some(p) = self.pending.remove(&id) else {
-            debug_assert!(false, "completion for unknown op {id}");
-            return;
-        };
-        let result = match result {
-            Ok(Done::Read(data)) => {
-                self.counters.disk_read_bytes += data.len() as u64;
-                Ok(Some(data))
-            }
-            Ok(Done::Ok) => {
-                self.counters.disk_written_bytes += p.written;
-                Ok(None)
-            }
-            Err(e) => Err(self.io_error(e)),
-        };
-        self.outputs.push_back(Output::Reply {
-            token: p.token,
-            result,
-        });
-    }
-
-    fn io_error(&mut self, e: StorageError) -> ErrorCode {
-        let code = match e {
-            StorageError::NotSupported => return ErrorCode::NotSupported,
-            StorageError::Shutdown => return ErrorCode::Shutdown,
-            ref e => ErrorCode::from_errno(e.errno()),
-        };
-        // ENOSPC on a sparse backing file is the backing store's problem,
-        // but it is an I/O failure all the same.
-        error!("I/O error on the backing store: {e}");
-        if self.params.on_io_error == OnIoError::Detach && self.disk != DiskState::Failed {
-            error!(
-                "on-io-error = detach: the disk is Failed; I/O now fails until repd is restarted with a good disk"
-            );
-            self.set_disk(DiskState::Failed);
-        }
-        code
-    }
-
     // ----- status ---------------------------------------------------------
 
+    /// Resync progress in bytes: (done, total), while one runs.
+    pub fn sync_progress(&self) -> Option<(u64, u64)> {
+        matches!(
+            self.replication(),
+            ReplState::SyncSource | ReplState::SyncTarget
+        )
+        .then(|| (self.sync_done * BLOCK_SIZE, self.sync_total * BLOCK_SIZE))
+    }
+
     pub fn status(&self, engine: EngineStatus) -> Status {
+        let peer = self.p.peer.as_ref().map(|name| {
+            let (role, disk) = self
+                .peer_state()
+                .unwrap_or((Role::Unknown, DiskState::DUnknown));
+            PeerStatus {
+                node: name.clone(),
+                role,
+                disk,
+            }
+        });
         Status {
-            resource: self.params.resource.clone(),
-            node: self.params.node.clone(),
+            resource: self.p.resource.clone(),
+            node: self.p.node.clone(),
             role: self.role,
             disk: self.disk,
             size_bytes: self.size(),
             nbd_clients: self.nbd_clients,
-            io_suspended: false,
-            connection: ConnState::StandAlone,
-            replication: ReplState::Off,
-            peer: self.params.peer.as_ref().map(|p| PeerStatus {
-                node: p.clone(),
-                role: Role::Unknown,
-                disk: DiskState::DUnknown,
-            }),
-            out_of_sync_bytes: 0,
-            sync: None,
-            split_brain: false,
+            io_suspended: self.io_suspended,
+            connection: self.conn,
+            replication: self.replication(),
+            peer,
+            out_of_sync_bytes: self.bitmap.count() * BLOCK_SIZE,
+            sync: self
+                .sync_progress()
+                .map(|(done_bytes, total_bytes)| SyncProgress {
+                    done_bytes,
+                    total_bytes,
+                    bytes_per_sec: 0,
+                    eta_sec: None,
+                }),
+            split_brain: self.split_brain,
             generation: GenerationStatus::from_generations(&self.md.generations),
             counters: self.counters,
             engine,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::metadata::{Generations, Layout, UUID_JUST_CREATED};
-
-    fn params(peer: Option<&str>, fencing: Fencing) -> NodeParams {
-        NodeParams {
-            resource: "r0".into(),
-            node: "alpha".into(),
-            peer: peer.map(str::to_string),
-            fencing,
-            on_io_error: OnIoError::Detach,
-            seed: 1,
-        }
-    }
-
-    fn fresh_sb() -> Superblock {
-        Superblock {
-            sequence: 1,
-            layout: Layout::internal(64 << 20).unwrap(),
-            generations: Generations::just_created(),
-            flags: MdFlags(MdFlags::AL_CLEAN),
-            device_id: 1,
-            resource: "r0".into(),
-            node: "alpha".into(),
-        }
-    }
-
-    fn drain(node: &mut Node<u32>) -> Vec<Output<u32>> {
-        std::iter::from_fn(|| node.poll_output()).collect()
-    }
-
-    /// Complete every metadata write the node asks for, until none is left.
-    fn settle_meta(node: &mut Node<u32>) -> Vec<Output<u32>> {
-        let mut seen = Vec::new();
-        loop {
-            let outs = drain(node);
-            if outs.is_empty() {
-                return seen;
-            }
-            for o in outs {
-                if let Output::WriteMeta { seq, .. } = o {
-                    node.handle_meta_written(seq, Ok(()));
-                } else {
-                    seen.push(o);
-                }
-            }
-        }
-    }
-
-    fn command_result(outs: &[Output<u32>], id: u64) -> Option<Result<String, CommandError>> {
-        outs.iter().find_map(|o| match o {
-            Output::CommandDone { id: i, result } if *i == id => Some(result.clone()),
-            _ => None,
-        })
-    }
-
-    fn primary_node() -> Node<u32> {
-        let mut n = Node::new(params(None, Fencing::DontCare), fresh_sb());
-        n.handle_command(1, Command::Primary { force: true });
-        settle_meta(&mut n);
-        assert_eq!(n.role(), Role::Primary);
-        n
-    }
-
-    #[test]
-    fn fresh_disk_is_inconsistent_and_promotion_needs_force() {
-        let mut n: Node<u32> = Node::new(params(None, Fencing::DontCare), fresh_sb());
-        assert_eq!(n.disk(), DiskState::Inconsistent);
-        n.handle_command(1, Command::Primary { force: false });
-        let r = command_result(&drain(&mut n), 1).unwrap().unwrap_err();
-        assert!(r.refused && r.message.starts_with("refused:"), "{r:?}");
-        assert_eq!(n.role(), Role::Secondary);
-    }
-
-    #[test]
-    fn promotion_takes_effect_only_after_the_superblock_is_durable() {
-        let mut n: Node<u32> = Node::new(params(None, Fencing::DontCare), fresh_sb());
-        n.handle_command(7, Command::Primary { force: true });
-        let outs = drain(&mut n);
-        let Some(Output::WriteMeta { seq, data, .. }) =
-            outs.iter().find(|o| matches!(o, Output::WriteMeta { .. }))
-        else {
-            panic!("no metadata write: {outs:?}")
-        };
-        assert!(
-            command_result(&outs, 7).is_none(),
-            "answered before durable"
-        );
-        assert_eq!(
-            n.role(),
-            Role::Secondary,
-            "Primary before the superblock is durable"
-        );
-        assert!(matches!(n.nbd_check(), Err(NbdRefusal::NotServing(_))));
-        let written = Superblock::decode(data).unwrap();
-        assert!(
-            written
-                .flags
-                .has(MdFlags::PRIMARY_IND | MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE)
-        );
-        assert_eq!(written.generations.bitmap, UUID_JUST_CREATED);
-        assert_ne!(written.generations.current, UUID_JUST_CREATED);
-        assert_eq!(written.generations.current & 1, 0);
-        n.handle_meta_written(*seq, Ok(()));
-        let outs = drain(&mut n);
-        assert_eq!(command_result(&outs, 7), Some(Ok("now Primary".into())));
-        assert_eq!(n.role(), Role::Primary);
-        assert!(n.nbd_check().is_ok());
-    }
-
-    #[test]
-    fn failed_metadata_write_fails_the_disk_and_the_command() {
-        let mut n: Node<u32> = Node::new(params(None, Fencing::DontCare), fresh_sb());
-        n.handle_command(1, Command::Primary { force: true });
-        let seq = drain(&mut n)
-            .into_iter()
-            .find_map(|o| {
-                if let Output::WriteMeta { seq, .. } = o {
-                    Some(seq)
-                } else {
-                    None
-                }
-            })
-            .unwrap();
-        n.handle_meta_written(
-            seq,
-            Err(StorageError::Os {
-                op: "write",
-                offset: 0,
-                errno: libc::EIO,
-            }),
-        );
-        let outs = drain(&mut n);
-        assert!(command_result(&outs, 1).unwrap().is_err());
-        assert_eq!(n.role(), Role::Secondary);
-        assert_eq!(n.disk(), DiskState::Failed);
-    }
-
-    #[test]
-    fn only_one_superblock_write_is_in_flight_and_slots_alternate() {
-        let mut n = primary_node();
-        let before = n.superblock().sequence;
-        // Two changes in a row: demote (persist) then promote (persist).
-        n.handle_command(2, Command::Secondary);
-        n.handle_command(3, Command::Primary { force: false });
-        let outs = drain(&mut n);
-        let writes: Vec<_> = outs
-            .iter()
-            .filter(|o| matches!(o, Output::WriteMeta { .. }))
-            .collect();
-        assert_eq!(writes.len(), 1, "two superblock writes in flight: {outs:?}");
-        let Output::WriteMeta { seq, offset, .. } = writes[0] else {
-            unreachable!()
-        };
-        assert_eq!(*seq, before + 1);
-        let first_offset = *offset;
-        n.handle_meta_written(*seq, Ok(()));
-        let outs = drain(&mut n);
-        let Some(Output::WriteMeta {
-            seq: seq2,
-            offset: offset2,
-            data,
-        }) = outs.iter().find(|o| matches!(o, Output::WriteMeta { .. }))
-        else {
-            panic!("second write not issued: {outs:?}")
-        };
-        assert_eq!(*seq2, before + 2);
-        assert_ne!(
-            *offset2, first_offset,
-            "consecutive writes must use the other slot"
-        );
-        assert!(
-            Superblock::decode(data)
-                .unwrap()
-                .flags
-                .has(MdFlags::PRIMARY_IND)
-        );
-        assert_eq!(command_result(&outs, 2), Some(Ok("now Secondary".into())));
-        n.handle_meta_written(*seq2, Ok(()));
-        assert_eq!(
-            command_result(&drain(&mut n), 3),
-            Some(Ok("now Primary".into()))
-        );
-    }
-
-    #[test]
-    fn demotion_is_refused_while_a_client_is_attached() {
-        let mut n = primary_node();
-        n.nbd_attach().unwrap();
-        n.handle_command(2, Command::Secondary);
-        let r = command_result(&drain(&mut n), 2).unwrap().unwrap_err();
-        assert!(r.refused && r.message.contains("NBD client"), "{r:?}");
-        assert_eq!(n.role(), Role::Primary);
-        n.nbd_detach();
-        n.handle_command(3, Command::Secondary);
-        // Clients are refused as soon as the demotion is decided.
-        assert!(n.nbd_attach().is_err());
-        assert!(command_result(&settle_meta(&mut n), 3).unwrap().is_ok());
-        assert!(!n.superblock().flags.has(MdFlags::PRIMARY_IND));
-    }
-
-    #[test]
-    fn a_node_that_stopped_as_primary_is_a_crashed_primary() {
-        let mut sb = fresh_sb();
-        sb.flags = MdFlags(MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE | MdFlags::PRIMARY_IND);
-        let mut n: Node<u32> = Node::new(params(None, Fencing::DontCare), sb);
-        settle_meta(&mut n);
-        let f = n.superblock().flags;
-        assert!(f.has(MdFlags::CRASHED_PRIMARY) && !f.has(MdFlags::PRIMARY_IND));
-        assert_eq!(n.role(), Role::Secondary);
-        assert_eq!(n.disk(), DiskState::UpToDate);
-    }
-
-    #[test]
-    fn attach_disk_state_follows_drbd() {
-        let case = |flags: u32, peer: Option<&str>, fencing| {
-            let mut sb = fresh_sb();
-            sb.flags = MdFlags(flags);
-            Node::<u32>::new(params(peer, fencing), sb).disk()
-        };
-        use MdFlags as F;
-        let both = F::CONSISTENT | F::WAS_UP_TO_DATE;
-        assert_eq!(
-            case(0, Some("beta"), Fencing::ResourceOnly),
-            DiskState::Inconsistent
-        );
-        assert_eq!(
-            case(F::CONSISTENT, Some("beta"), Fencing::ResourceOnly),
-            DiskState::Outdated
-        );
-        assert_eq!(
-            case(both, Some("beta"), Fencing::ResourceOnly),
-            DiskState::Consistent
-        );
-        assert_eq!(
-            case(both, Some("beta"), Fencing::ResourceAndStonith),
-            DiskState::Consistent
-        );
-        assert_eq!(
-            case(
-                both | F::PEER_OUT_DATED,
-                Some("beta"),
-                Fencing::ResourceOnly
-            ),
-            DiskState::UpToDate
-        );
-        assert_eq!(
-            case(both, Some("beta"), Fencing::DontCare),
-            DiskState::UpToDate
-        );
-        assert_eq!(
-            case(both, None, Fencing::ResourceAndStonith),
-            DiskState::UpToDate
-        );
-    }
-
-    #[test]
-    fn client_io_is_bounds_checked_and_answered_once() {
-        let mut n = primary_node();
-        let size = n.size();
-        n.handle_client(
-            1,
-            ClientOp::Read {
-                offset: size - 512,
-                len: 1024,
-            },
-        );
-        n.handle_client(
-            2,
-            ClientOp::Write {
-                offset: size,
-                data: Bytes::from_static(b"x"),
-                fua: false,
-            },
-        );
-        n.handle_client(
-            3,
-            ClientOp::Trim {
-                offset: u64::MAX,
-                len: 2,
-                fua: false,
-            },
-        );
-        let outs = drain(&mut n);
-        let replies: Vec<_> = outs
-            .iter()
-            .filter_map(|o| {
-                if let Output::Reply { token, result } = o {
-                    Some((*token, result.clone()))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        assert_eq!(
-            replies,
-            vec![
-                (1, Err(ErrorCode::Invalid)),
-                (2, Err(ErrorCode::NoSpace)),
-                (3, Err(ErrorCode::Invalid))
-            ]
-        );
-        n.handle_client(
-            4,
-            ClientOp::Write {
-                offset: 0,
-                data: Bytes::from_static(b"abc"),
-                fua: true,
-            },
-        );
-        let outs = drain(&mut n);
-        let [
-            Output::Submit {
-                id,
-                op: Op::Write { fua: true, .. },
-            },
-        ] = &outs[..]
-        else {
-            panic!("{outs:?}")
-        };
-        assert!(
-            !outs.iter().any(|o| matches!(o, Output::Reply { .. })),
-            "answered before the disk"
-        );
-        n.handle_local_done(*id, Ok(Done::Ok));
-        let outs = drain(&mut n);
-        assert!(matches!(
-            &outs[..],
-            [Output::Reply {
-                token: 4,
-                result: Ok(None)
-            }]
-        ));
-        assert_eq!(n.status(test_engine()).counters.disk_written_bytes, 3);
-    }
-
-    #[test]
-    fn io_error_with_detach_fails_the_disk() {
-        let mut n = primary_node();
-        n.handle_client(
-            1,
-            ClientOp::Read {
-                offset: 0,
-                len: 4096,
-            },
-        );
-        let Some(Output::Submit { id, .. }) = drain(&mut n).into_iter().next() else {
-            panic!()
-        };
-        n.handle_local_done(
-            id,
-            Err(StorageError::Os {
-                op: "read",
-                offset: 0,
-                errno: libc::EIO,
-            }),
-        );
-        assert!(matches!(
-            &drain(&mut n)[..],
-            [
-                Output::StateChanged { .. },
-                Output::Reply {
-                    token: 1,
-                    result: Err(ErrorCode::Io)
-                }
-            ]
-        ));
-        assert_eq!(n.disk(), DiskState::Failed);
-        n.handle_client(2, ClientOp::Flush);
-        assert!(matches!(
-            &drain(&mut n)[..],
-            [Output::Reply {
-                token: 2,
-                result: Err(ErrorCode::Io)
-            }]
-        ));
-    }
-
-    #[test]
-    fn clean_stop_demotes_and_records_it() {
-        let mut n = primary_node();
-        n.handle_command(9, Command::Down);
-        assert_eq!(n.role(), Role::Secondary);
-        let outs = settle_meta(&mut n);
-        assert_eq!(command_result(&outs, 9), Some(Ok("stopped".into())));
-        let f = n.superblock().flags;
-        assert!(!f.has(MdFlags::PRIMARY_IND) && f.has(MdFlags::AL_CLEAN));
-        n.handle_client(1, ClientOp::Flush);
-        assert!(matches!(
-            &drain(&mut n)[..],
-            [Output::Reply {
-                token: 1,
-                result: Err(ErrorCode::Shutdown)
-            }]
-        ));
-    }
-
-    fn test_engine() -> EngineStatus {
-        EngineStatus {
-            kind: "test".into(),
-            direct_io: false,
-            fua: "rwf_dsync".into(),
-            fdatasyncs: 0,
-            dsync_writes: 0,
+            last_error: self.last_error.clone(),
+            generation_rule: self.last_rule.clone(),
         }
     }
 }

@@ -10,6 +10,7 @@
 
 mod metadata;
 mod render;
+mod wait;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -67,6 +68,38 @@ pub enum Cmd {
     },
     /// Demote this node to Secondary (refused while an NBD client is attached).
     Secondary,
+    /// (Re)enable the link to the peer.
+    Connect {
+        /// Resolve a split-brain by making this node the sync target: its
+        /// changes since the split are discarded.
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Drop the link and stay StandAlone until `connect`.
+    Disconnect,
+    /// Mark all local data out of sync: full resync from the peer.
+    Invalidate,
+    /// Start a new data generation; with --clear-bitmap, skip the initial
+    /// sync of a brand-new pair whose disks are both zeroed.
+    NewCurrentUuid {
+        #[arg(long)]
+        clear_bitmap: bool,
+    },
+    /// State that the disconnected peer is powered off, so this node may
+    /// become Primary (and a suspended Primary resumes I/O).
+    FenceConfirm,
+    /// Wait until the link to the peer is Connected.
+    WaitConnect {
+        /// Give up after this long (e.g. 30s, 2m) with exit status 1.
+        #[arg(long, value_name = "D")]
+        timeout: Option<String>,
+    },
+    /// Wait until both disks are UpToDate.
+    WaitSync {
+        /// Give up after this long (e.g. 30s, 2m) with exit status 1.
+        #[arg(long, value_name = "D")]
+        timeout: Option<String>,
+    },
     /// Stop repd cleanly.
     Down,
 }
@@ -137,10 +170,35 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Primary { force } => simple(&node.control, &Request::Primary { force }),
         Cmd::Secondary => simple(&node.control, &Request::Secondary),
         Cmd::Down => simple(&node.control, &Request::Down),
+        Cmd::Connect { discard_my_data } => {
+            simple(&node.control, &Request::Connect { discard_my_data })
+        }
+        Cmd::Disconnect => simple(&node.control, &Request::Disconnect),
+        Cmd::Invalidate => simple(&node.control, &Request::Invalidate),
+        Cmd::FenceConfirm => simple(&node.control, &Request::FenceConfirm),
+        Cmd::NewCurrentUuid { clear_bitmap } => {
+            simple(&node.control, &Request::NewCurrentUuid { clear_bitmap })
+        }
+        Cmd::WaitConnect { timeout } => wait::wait_for(
+            &node.control,
+            wait::Until::Connected,
+            parse_timeout(timeout)?,
+        ),
+        Cmd::WaitSync { timeout } => {
+            wait::wait_for(&node.control, wait::Until::Synced, parse_timeout(timeout)?)
+        }
     }
 }
 
-fn connect(path: &Path) -> Result<UnixStream, Failure> {
+fn parse_timeout(t: Option<String>) -> Result<Option<std::time::Duration>, Failure> {
+    t.map(|t| {
+        crate::config::units::parse_duration(&t)
+            .map_err(|e| Failure::error(format!("--timeout {t:?}: {e} (use e.g. 30s, 500ms, 2m)")))
+    })
+    .transpose()
+}
+
+pub(super) fn connect(path: &Path) -> Result<UnixStream, Failure> {
     UnixStream::connect(path).map_err(|e| Failure {
         code: 4,
         message: format!(
@@ -150,7 +208,7 @@ fn connect(path: &Path) -> Result<UnixStream, Failure> {
     })
 }
 
-fn send(stream: &mut UnixStream, request: &Request) -> Result<(), Failure> {
+pub(super) fn send(stream: &mut UnixStream, request: &Request) -> Result<(), Failure> {
     let mut line = serde_json::to_string(request).expect("request serialises");
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(|e| Failure {

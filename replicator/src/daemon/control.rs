@@ -138,6 +138,17 @@ async fn serve(
             from_command(shared.command(Command::Primary { force }).await)
         }
         Request::Secondary => from_command(shared.command(Command::Secondary).await),
+        Request::Connect { discard_my_data } => {
+            from_command(shared.command(Command::Connect { discard_my_data }).await)
+        }
+        Request::Disconnect => from_command(shared.command(Command::Disconnect).await),
+        Request::Invalidate => from_command(shared.command(Command::Invalidate).await),
+        Request::FenceConfirm => from_command(shared.command(Command::FenceConfirm).await),
+        Request::NewCurrentUuid { clear_bitmap } => from_command(
+            shared
+                .command(Command::NewCurrentUuid { clear_bitmap })
+                .await,
+        ),
         Request::Down => {
             let (reply, answer) = oneshot::channel();
             let (written_tx, written) = oneshot::channel();

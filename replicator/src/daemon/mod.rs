@@ -17,6 +17,7 @@
 
 mod control;
 mod export;
+mod link;
 mod logging;
 mod memory;
 mod shared;
@@ -33,6 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, MetaDisk, NbdListen};
 use crate::control::Response;
+use crate::core::bitmap::Bitmap;
 use crate::core::{Command, Node, NodeParams};
 use crate::metadata::offline::{self, MetaLocation};
 use crate::storage::{Backing, EngineChoice, IoMode, OpenOptions, Storage, start_engine};
@@ -41,6 +43,7 @@ use export::NodeExport;
 use logging::LogFormat;
 use shared::Shared;
 use tandem_nbd::{Listen, NbdServer, ServerLimits};
+use tandem_proto::peer::LinkConfig;
 
 /// `repd --config FILE [--node NAME]`
 #[derive(Debug, Parser)]
@@ -153,6 +156,9 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
     };
     let sb = offline::load(&loc)
         .with_context(|| format!("no usable metadata for disk {}", node.disk.display()))?;
+    let bitmap_bytes = offline::read_bitmap(&loc, &sb.layout).context("cannot read the bitmap")?;
+    let bitmap = Bitmap::from_bytes(sb.layout.data_blocks(), &bitmap_bytes);
+    let al = offline::read_al(&loc, &sb.layout).context("cannot read the activity log")?;
     if sb.resource != config.resource.name || sb.node != node.name {
         bail!(
             "the metadata on {} belongs to resource {:?} node {:?}, but this is resource {:?} node {:?}; check `disk` in {} (or re-create the metadata with `repctl create-md --force`)",
@@ -202,7 +208,23 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         peer,
         fencing: config.resource.fencing,
         on_io_error: config.disk.on_io_error,
+        max_buffers: config.net.max_buffers,
+        al_extents: crate::core::activity::DEFAULT_AL_EXTENTS,
         seed: os_random_u64(),
+    };
+    let data_size = sb.layout.data_size;
+    let mut env = vec![
+        ("TANDEM_RESOURCE".to_string(), config.resource.name.clone()),
+        ("TANDEM_NODE".to_string(), node.name.clone()),
+    ];
+    if let Some(peer) = config.peer_of(&node.name) {
+        env.push(("TANDEM_PEER".to_string(), peer.name.clone()));
+        env.push(("TANDEM_PEER_ADDRESS".to_string(), peer.address.to_string()));
+    }
+    let handlers = shared::Handlers {
+        fence_peer: config.handlers.fence_peer.clone(),
+        split_brain: config.handlers.split_brain.clone(),
+        env,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -210,8 +232,13 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let stop = runtime.block_on(async {
-        let shared = Shared::new(Node::new(params, sb), storage.clone(), meta.clone());
-        serve(&config, &node, shared).await
+        let (shared, link_commands) = Shared::new(
+            Node::new(params, sb, bitmap, al),
+            storage.clone(),
+            meta.clone(),
+            handlers,
+        );
+        serve(&config, &node, shared, link_commands, data_size).await
     });
     // `serve` has let go of the node; once the engines have drained, these
     // are the last handles on the disk.
@@ -246,8 +273,34 @@ async fn serve(
     config: &Config,
     node: &crate::config::NodeConfig,
     shared: Arc<Shared>,
+    link_commands: mpsc::UnboundedReceiver<crate::core::LinkCommand>,
+    data_size: u64,
 ) -> anyhow::Result<Stop> {
     let cancel = CancellationToken::new();
+    let link_task = match config.peer_of(&node.name) {
+        Some(peer) => {
+            let settings = link::LinkSettings {
+                listen: node.address,
+                peer_addr: peer.address,
+                link: LinkConfig {
+                    resource: config.resource.name.clone(),
+                    node: node.name.clone(),
+                    peer: peer.name.clone(),
+                    size: data_size,
+                    secret: config
+                        .resource
+                        .shared_secret
+                        .as_ref()
+                        .map(|s| s.as_bytes().to_vec()),
+                },
+                ping_interval: config.net.ping_interval,
+                ping_timeout: config.net.ping_timeout,
+                connect_retry: config.net.connect_retry,
+            };
+            Some(link::start(shared.clone(), settings, link_commands, cancel.clone()).await?)
+        }
+        None => None,
+    };
     let (down_tx, mut down_rx) = mpsc::unbounded_channel();
     let control = ControlServer::bind(&node.control, shared.clone(), down_tx, cancel.clone())
         .with_context(|| format!("cannot open control socket {}", node.control.display()))?;
@@ -284,6 +337,9 @@ async fn serve(
         Err(e) => warn!("stop: {}", e.message),
     }
     cancel.cancel();
+    if let Some(task) = link_task {
+        let _ = task.await;
+    }
     control.close().await;
     // Every control connection has ended: any other `repctl down` sent
     // meanwhile is queued by now.

@@ -2,24 +2,28 @@
 //! outputs.
 //!
 //! Every input to the core goes through [`Shared::run`], which locks the
-//! core, applies the input, drains the outputs into a list of actions while
-//! still holding the lock, and then carries the actions out *after*
-//! releasing it. Storage submissions in particular happen outside the lock:
-//! a completion may run synchronously and re-enter `run`.
-//!
-//! Events are the exception: each is built and published while the lock is
-//! held (publishing never blocks), so every event shows the state that
-//! produced it and events reach readers in the order of the changes.
+//! core, applies the input and drains its outputs while still holding the
+//! lock. Two kinds of output are carried out right there: messages to the
+//! peer (handed to the current link's writer queue, so they reach the wire
+//! in exactly the order the core produced them, and only on the link the
+//! core believes is current) and events (so they see the state that
+//! produced them). Everything else runs *after* the lock is released:
+//! storage submissions in particular, since a completion may run
+//! synchronously and re-enter `run`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use bytes::Bytes;
-use tokio::sync::{broadcast, oneshot};
+use tandem_proto::peer::Message;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::core::{Command, CommandError, IoResult, Node, Output};
+use crate::core::fencing::Handler;
+use crate::core::{Command, CommandError, Device, IoResult, LinkCommand, Node, Output};
 use crate::status::{EngineStatus, Status};
-use crate::storage::{Done, Op, Storage};
+use crate::storage::{Op, Storage};
+use tracing::{error, info, warn};
 
 /// How a client request's answer gets back to the waiting NBD task.
 pub type Token = oneshot::Sender<IoResult>;
@@ -28,25 +32,44 @@ pub struct Inner {
     pub core: Node<Token>,
     commands: HashMap<u64, oneshot::Sender<Result<String, CommandError>>>,
     next_command: u64,
+    /// The writer queue of the link the core is connected over, if any.
+    link_tx: Option<(u64, mpsc::UnboundedSender<Message>)>,
+    /// Resync progress samples, for the rate shown in status.
+    rate: VecDeque<(Instant, u64)>,
+}
+
+/// Bytes sent and received on the peer link.
+#[derive(Default)]
+pub struct NetCounters {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+/// The configured handler programs and their environment.
+#[derive(Debug, Clone, Default)]
+pub struct Handlers {
+    pub fence_peer: Option<std::path::PathBuf>,
+    pub split_brain: Option<std::path::PathBuf>,
+    /// `TANDEM_RESOURCE`, `TANDEM_NODE`, `TANDEM_PEER`, `TANDEM_PEER_ADDRESS`.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Shared {
     inner: Mutex<Inner>,
+    handlers: Handlers,
     storage: Storage,
     /// The metadata device's storage (the same as `storage` when internal).
     meta: Storage,
     events: broadcast::Sender<String>,
+    link_cmds: mpsc::UnboundedSender<LinkCommand>,
+    pub net: NetCounters,
 }
 
 enum Action {
     Submit {
         id: u64,
+        device: Device,
         op: Op,
-    },
-    WriteMeta {
-        seq: u64,
-        offset: u64,
-        data: Bytes,
     },
     Reply {
         token: Token,
@@ -56,24 +79,42 @@ enum Action {
         tx: oneshot::Sender<Result<String, CommandError>>,
         result: Result<String, CommandError>,
     },
+    Link(LinkCommand),
+    Handler {
+        id: u64,
+        handler: Handler,
+    },
 }
 
 impl Shared {
-    pub fn new(core: Node<Token>, storage: Storage, meta: Storage) -> Arc<Shared> {
+    /// The shared handle, and the receiving end of link commands for the
+    /// link manager.
+    pub fn new(
+        core: Node<Token>,
+        storage: Storage,
+        meta: Storage,
+        handlers: Handlers,
+    ) -> (Arc<Shared>, mpsc::UnboundedReceiver<LinkCommand>) {
         let (events, _) = broadcast::channel(1024);
+        let (link_cmds, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 core,
                 commands: HashMap::new(),
                 next_command: 0,
+                link_tx: None,
+                rate: VecDeque::new(),
             }),
+            handlers,
             storage,
             meta,
             events,
+            link_cmds,
+            net: NetCounters::default(),
         });
         // Carry out whatever the core queued while attaching.
         shared.run(|_| ());
-        shared
+        (shared, rx)
     }
 
     /// Apply one input to the core and carry out what it decides.
@@ -92,13 +133,13 @@ impl Shared {
     /// Send an administrator command to the core and wait for its answer.
     pub async fn command(self: &Arc<Self>, command: Command) -> Result<String, CommandError> {
         let (tx, rx) = oneshot::channel();
-        let (actions, ()) = {
+        let actions = {
             let mut inner = self.inner.lock().expect("core lock poisoned");
             let id = inner.next_command;
             inner.next_command += 1;
             inner.commands.insert(id, tx);
             inner.core.handle_command(id, command);
-            (self.collect(&mut inner), ())
+            self.collect(&mut inner)
         };
         for action in actions {
             self.execute(action);
@@ -111,51 +152,102 @@ impl Shared {
         })
     }
 
+    /// A link (number `id`) finished its handshake: make it the current one.
+    pub fn link_up(self: &Arc<Self>, id: u64, tx: mpsc::UnboundedSender<Message>) {
+        let actions = {
+            let mut inner = self.inner.lock().expect("core lock poisoned");
+            inner.link_tx = Some((id, tx));
+            inner.core.handle_link_up();
+            self.collect(&mut inner)
+        };
+        for action in actions {
+            self.execute(action);
+        }
+    }
+
+    /// Link `id` ended. Ignored if the core already moved on from it.
+    pub fn link_down(self: &Arc<Self>, id: u64, reason: &str) {
+        let actions = {
+            let mut inner = self.inner.lock().expect("core lock poisoned");
+            if inner.link_tx.as_ref().is_none_or(|(cur, _)| *cur != id) {
+                return;
+            }
+            inner.link_tx = None;
+            inner.core.handle_link_down(reason);
+            self.collect(&mut inner)
+        };
+        for action in actions {
+            self.execute(action);
+        }
+    }
+
+    /// A connection failed the link handshake; returns whether the reason
+    /// is new since the last refusal (so repeated retries log it once).
+    pub fn link_refused(self: &Arc<Self>, reason: &str) -> bool {
+        self.run(|core| core.handle_link_refused(reason))
+    }
+
+    /// A message from link `id`.
+    pub fn peer_message(self: &Arc<Self>, id: u64, msg: Message) {
+        let actions = {
+            let mut inner = self.inner.lock().expect("core lock poisoned");
+            if inner.link_tx.as_ref().is_none_or(|(cur, _)| *cur != id) {
+                return; // a message from a link the core already left
+            }
+            inner.core.handle_peer_message(msg);
+            self.collect(&mut inner)
+        };
+        for action in actions {
+            self.execute(action);
+        }
+    }
+
     fn collect(&self, inner: &mut Inner) -> Vec<Action> {
         let mut actions = Vec::new();
         while let Some(out) = inner.core.poll_output() {
-            actions.push(match out {
-                Output::Submit { id, op } => Action::Submit { id, op },
-                Output::WriteMeta { seq, offset, data } => Action::WriteMeta { seq, offset, data },
-                Output::Reply { token, result } => Action::Reply { token, result },
-                Output::CommandDone { id, result } => match inner.commands.remove(&id) {
-                    Some(tx) => Action::Command { tx, result },
-                    None => continue,
-                },
-                Output::StateChanged { event } => {
-                    // Published under the lock: two threads that each
-                    // changed the state cannot publish in the wrong order.
-                    let status = inner.core.status(self.engine_status());
-                    // No subscriber is not an error.
-                    let _ = self.events.send(event_line(event, &status));
-                    continue;
+            match out {
+                Output::Submit { id, device, op } => {
+                    actions.push(Action::Submit { id, device, op })
                 }
-            });
+                Output::Reply { token, result } => actions.push(Action::Reply { token, result }),
+                Output::CommandDone { id, result } => {
+                    if let Some(tx) = inner.commands.remove(&id) {
+                        actions.push(Action::Command { tx, result });
+                    }
+                }
+                Output::Send(msg) => {
+                    // In order, under the lock, to the current link only.
+                    if let Some((_, tx)) = &inner.link_tx {
+                        let _ = tx.send(msg);
+                    }
+                }
+                Output::Link(cmd) => {
+                    if matches!(cmd, LinkCommand::StandAlone | LinkCommand::Drop(_)) {
+                        inner.link_tx = None;
+                    }
+                    actions.push(Action::Link(cmd));
+                }
+                Output::RunHandler { id, handler } => actions.push(Action::Handler { id, handler }),
+                Output::StateChanged { event } => {
+                    let status = self.status_locked(inner);
+                    let _ = self.events.send(event_line(event, &status));
+                }
+            }
         }
         actions
     }
 
     fn execute(self: &Arc<Self>, action: Action) {
         match action {
-            Action::Submit { id, op } => {
+            Action::Submit { id, device, op } => {
                 let me = self.clone();
-                self.storage.submit(
-                    op,
-                    Box::new(move |r| me.run(|core| core.handle_local_done(id, r))),
-                );
-            }
-            Action::WriteMeta { seq, offset, data } => {
-                let me = self.clone();
-                let op = Op::Write {
-                    offset,
-                    data,
-                    fua: true,
+                let storage = match device {
+                    Device::Data => &self.storage,
+                    Device::Meta => &self.meta,
                 };
-                self.meta.submit(
+                storage.submit(
                     op,
-                    Box::new(move |r| {
-                        me.run(|core| core.handle_meta_written(seq, r.map(|_: Done| ())))
-                    }),
+                    Box::new(move |r| me.run(|core| core.handle_io_done(id, r))),
                 );
             }
             Action::Reply { token, result } => {
@@ -165,7 +257,49 @@ impl Shared {
             Action::Command { tx, result } => {
                 let _ = tx.send(result);
             }
+            Action::Link(cmd) => {
+                let _ = self.link_cmds.send(cmd);
+            }
+            Action::Handler { id, handler } => self.spawn_handler(id, handler),
         }
+    }
+
+    /// Run a handler program; its exit status goes back to the core.
+    fn spawn_handler(self: &Arc<Self>, id: u64, handler: Handler) {
+        let (path, name) = match handler {
+            Handler::FencePeer => (self.handlers.fence_peer.clone(), "fence-peer"),
+            Handler::SplitBrain => (self.handlers.split_brain.clone(), "split-brain"),
+        };
+        let Some(path) = path else {
+            if handler == Handler::FencePeer {
+                warn!(
+                    "no fence-peer handler is configured ([handlers] fence-peer): fencing cannot be confirmed automatically"
+                );
+            }
+            self.run(|core| core.handle_handler_exit(id, None));
+            return;
+        };
+        let me = self.clone();
+        let env = self.handlers.env.clone();
+        tokio::spawn(async move {
+            info!("running the {name} handler {}", path.display());
+            let status = tokio::process::Command::new(&path)
+                .envs(env)
+                .stdin(std::process::Stdio::null())
+                .status()
+                .await;
+            let code = match &status {
+                Ok(s) => {
+                    info!("the {name} handler exited with {s}");
+                    s.code()
+                }
+                Err(e) => {
+                    error!("cannot run the {name} handler {}: {e}", path.display());
+                    None
+                }
+            };
+            me.run(|core| core.handle_handler_exit(id, code));
+        });
     }
 
     pub fn engine_status(&self) -> EngineStatus {
@@ -179,9 +313,39 @@ impl Shared {
         }
     }
 
+    fn status_locked(&self, inner: &mut Inner) -> Status {
+        let mut status = inner.core.status(self.engine_status());
+        status.counters.net_sent_bytes = self.net.sent.load(Ordering::Relaxed);
+        status.counters.net_received_bytes = self.net.received.load(Ordering::Relaxed);
+        if let Some(sync) = status.sync.as_mut() {
+            // Rate over the last samples (about ten seconds of them).
+            let now = Instant::now();
+            let rate = &mut inner.rate;
+            if rate.back().is_some_and(|&(_, done)| done > sync.done_bytes) {
+                rate.clear(); // a new resync
+            }
+            rate.push_back((now, sync.done_bytes));
+            while rate.len() > 2 && now.duration_since(rate[0].0).as_secs_f64() > 10.0 {
+                rate.pop_front();
+            }
+            let (t0, d0) = rate[0];
+            let secs = now.duration_since(t0).as_secs_f64();
+            if secs > 0.2 {
+                sync.bytes_per_sec = ((sync.done_bytes - d0) as f64 / secs) as u64;
+            }
+            sync.eta_sec = sync
+                .total_bytes
+                .saturating_sub(sync.done_bytes)
+                .checked_div(sync.bytes_per_sec);
+        } else {
+            inner.rate.clear();
+        }
+        status
+    }
+
     pub fn status(self: &Arc<Self>) -> Status {
-        let engine = self.engine_status();
-        self.run(|core| core.status(engine))
+        let mut inner = self.inner.lock().expect("core lock poisoned");
+        self.status_locked(&mut inner)
     }
 
     /// Subscribe to events; the first line is built by the caller from

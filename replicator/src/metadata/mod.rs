@@ -8,7 +8,7 @@
 //! | block(s)        | content                                             |
 //! |-----------------|-----------------------------------------------------|
 //! | 0, 1            | two superblock slots (see [`superblock`])           |
-//! | 2 .. 2+16       | the activity-log ring (see `activity_log`)          |
+//! | 2 .. 2+16       | the activity-log ring ([`activity_log`])            |
 //! | then            | the dirty bitmap, 1 bit per 4 KiB data block        |
 //!
 //! Crash safety of the superblock: every update writes the *other* slot
@@ -20,6 +20,7 @@
 //! area is the largest multiple of 4 KiB that leaves room for the metadata
 //! behind it ([`layout::Layout`]).
 
+pub mod activity_log;
 pub mod layout;
 pub mod offline;
 pub mod superblock;

@@ -14,6 +14,7 @@ use thiserror::Error;
 use tandem_proto::AlignedBuf;
 
 use super::BLOCK_SIZE;
+use super::activity_log::AlTransaction;
 use super::layout::{AL_RING_BLOCKS, Layout, LayoutError};
 use super::superblock::{Generations, MAX_NAME, MdFlags, Superblock, SuperblockError};
 
@@ -159,6 +160,28 @@ pub fn create(
     write_all(loc.file(), &sb.encode(), layout.superblock_offset(1))?;
     sync(loc.file())?;
     Ok(sb)
+}
+
+/// The newest valid activity-log transaction, if any.
+pub fn read_al(loc: &MetaLocation, layout: &Layout) -> Result<Option<AlTransaction>, MetaError> {
+    let mut blocks = Vec::new();
+    for i in 0..AL_RING_BLOCKS {
+        blocks.push(read_block(loc.file(), layout.al_offset() + i * BLOCK_SIZE)?);
+    }
+    Ok(AlTransaction::newest(blocks.iter().map(|b| b.as_slice())))
+}
+
+/// Read the whole on-disk bitmap.
+pub fn read_bitmap(loc: &MetaLocation, layout: &Layout) -> Result<Vec<u8>, MetaError> {
+    let mut buf = AlignedBuf::zeroed(layout.bitmap_size() as usize);
+    let at = layout.bitmap_offset();
+    loc.file()
+        .read_exact_at(buf.as_mut_slice(), at)
+        .map_err(|source| MetaError::Io {
+            what: format!("reading the bitmap at offset {at}"),
+            source,
+        })?;
+    Ok(buf.as_slice().to_vec())
 }
 
 /// Count the set bits of the on-disk bitmap (blocks out of sync).

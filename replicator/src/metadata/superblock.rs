@@ -55,8 +55,12 @@ impl MdFlags {
     pub const FULL_SYNC: u32 = 1 << 5;
     /// The activity log was applied after a crash (or the node stopped cleanly).
     pub const AL_CLEAN: u32 = 1 << 6;
+    /// The current generation was created on this node after it last
+    /// started a resync as source or took the peer's generation: the peer
+    /// cannot hold it, so writes without the peer need no new one.
+    pub const CURRENT_UNSHARED: u32 = 1 << 7;
 
-    pub const NAMES: [(u32, &'static str); 7] = [
+    pub const NAMES: [(u32, &'static str); 8] = [
         (Self::CONSISTENT, "consistent"),
         (Self::WAS_UP_TO_DATE, "was_up_to_date"),
         (Self::PRIMARY_IND, "primary_indicator"),
@@ -64,6 +68,7 @@ impl MdFlags {
         (Self::PEER_OUT_DATED, "peer_outdated"),
         (Self::FULL_SYNC, "full_sync"),
         (Self::AL_CLEAN, "al_clean"),
+        (Self::CURRENT_UNSHARED, "current_unshared"),
     ];
 
     pub fn has(self, flag: u32) -> bool {

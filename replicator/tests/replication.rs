@@ -1,0 +1,558 @@
+//! The replication rules, exercised through the deterministic simulation
+//! with real cores: initial sync, protocol C, degraded mode, bitmap resync,
+//! interrupted resync, promotion rules, invalidate, new-current-uuid.
+
+use tandem_replicator::config::Fencing;
+use tandem_replicator::core::states::{ConnState, DiskState, ReplState, Role};
+use tandem_replicator::core::{ClientOp, Command};
+use tandem_replicator::sim::{Answer, SimCluster};
+
+const SIZE: u64 = 8 << 20;
+
+fn ok(c: &SimCluster, id: u64) -> String {
+    match c.answer(id) {
+        Some(Answer::Command(Ok(m))) => m.clone(),
+        other => panic!("command {id}: {other:?}\ntrace: {:#?}", c.trace),
+    }
+}
+
+fn io_ok(c: &SimCluster, t: u64) {
+    match c.answer(t) {
+        Some(Answer::Io(Ok(_))) => {}
+        other => panic!(
+            "request {t}: {other:?}\ntrace tail: {:#?}",
+            &c.trace[c.trace.len().saturating_sub(30)..]
+        ),
+    }
+}
+
+/// A pair after the initial full sync from alpha: both UpToDate, connected.
+fn synced_pair(seed: u64) -> SimCluster {
+    let mut c = SimCluster::new(seed, SIZE, Fencing::DontCare);
+    let p = c.command(0, Command::Primary { force: true });
+    c.settle();
+    ok(&c, p);
+    // Some data before the first sync.
+    let t = c.write(0, 4096, &[0xaa; 8192], false);
+    c.settle();
+    io_ok(&c, t);
+    assert!(c.try_connect() || c.link);
+    c.settle();
+    for i in 0..2 {
+        assert_eq!(
+            c.core(i).connection(),
+            ConnState::Connected,
+            "{:#?}",
+            c.trace
+        );
+        assert_eq!(
+            c.core(i).replication(),
+            ReplState::Established,
+            "{:#?}",
+            c.trace
+        );
+        assert_eq!(c.core(i).disk(), DiskState::UpToDate);
+    }
+    assert!(c.data(0) == c.data(1), "data areas differ");
+    assert_eq!(
+        c.core(0).superblock().generations,
+        c.core(1).superblock().generations
+    );
+    c
+}
+
+#[test]
+fn initial_full_sync_then_identical_generations() {
+    for seed in 0..20 {
+        let c = synced_pair(seed);
+        assert_eq!(c.core(0).bitmap().count(), 0);
+        assert_eq!(c.core(1).bitmap().count(), 0);
+    }
+}
+
+#[test]
+fn forcing_primary_on_a_connected_fresh_pair_starts_the_full_sync() {
+    for seed in 0..10 {
+        let mut c = SimCluster::new(seed, SIZE, Fencing::DontCare);
+        // Data only alpha has (e.g. restored before pairing).
+        c.nodes[0].disk.poke(12345, b"only on alpha");
+        assert!(c.try_connect());
+        c.settle();
+        assert_eq!(c.core(0).replication(), ReplState::Established);
+        let p = c.command(0, Command::Primary { force: true });
+        c.settle();
+        ok(&c, p);
+        assert_eq!(
+            c.core(1).disk(),
+            DiskState::UpToDate,
+            "seed {seed}: {:#?}",
+            c.trace
+        );
+        assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
+    }
+}
+
+#[test]
+fn writes_are_answered_only_after_the_peer_acknowledged() {
+    let mut c = synced_pair(1);
+    let t = c.write(0, 0, &[7; 4096], false);
+    // Complete the local write; the peer has not seen it yet.
+    while c.complete_one(0) {}
+    assert!(
+        c.answer(t).is_none(),
+        "answered before the peer acknowledged"
+    );
+    c.settle();
+    io_ok(&c, t);
+    assert!(c.data(0) == c.data(1), "data areas differ");
+}
+
+#[test]
+fn degraded_writes_are_marked_durably_then_only_they_are_resynced() {
+    let mut c = synced_pair(2);
+    // A flush empties the transfer log: the peer has everything durably.
+    let f = c.client(0, ClientOp::Flush);
+    c.settle();
+    io_ok(&c, f);
+    c.partition();
+    assert_eq!(c.core(0).bitmap().count(), 0);
+    let mut tokens = Vec::new();
+    for k in 0..10u64 {
+        tokens.push(c.write(0, k * 65536, &[k as u8 + 1; 4096], false));
+    }
+    c.settle();
+    for &t in &tokens {
+        io_ok(&c, t);
+    }
+    assert_eq!(c.core(0).bitmap().count(), 10);
+    // The marks are on disk before the writes were answered.
+    let (_, on_disk, _) = tandem_replicator::sim::load(&c.nodes[0].disk);
+    assert_eq!(on_disk.count(), 10);
+    assert!(c.data(0) != c.data(1));
+    c.heal();
+    c.settle();
+    assert_eq!(
+        c.core(0).replication(),
+        ReplState::Established,
+        "{:#?}",
+        c.trace
+    );
+    assert!(c.data(0) == c.data(1), "data areas differ");
+    assert_eq!(c.core(0).bitmap().count(), 0);
+    assert_eq!(c.core(1).disk(), DiskState::UpToDate);
+}
+
+#[test]
+fn writes_the_peer_did_not_flush_are_marked_when_the_link_is_lost() {
+    let mut c = synced_pair(8);
+    let f = c.client(0, ClientOp::Flush);
+    c.settle();
+    io_ok(&c, f);
+    let t = c.write(0, 40960, &[3; 4096], false);
+    c.settle();
+    io_ok(&c, t);
+    c.partition();
+    // Acknowledged by the peer, but not flushed there: it could be lost
+    // with a crash of the peer, so it is resynced.
+    assert_eq!(c.core(0).bitmap().count(), 1);
+    assert!(c.core(0).bitmap().get(10));
+}
+
+#[test]
+fn overlapping_writes_end_identical() {
+    for seed in 0..30 {
+        let mut c = synced_pair(seed);
+        let mut ts = Vec::new();
+        for k in 0..20u8 {
+            let off = u64::from(k % 3) * 1000;
+            ts.push(c.write(0, off, &[k; 3000], k % 4 == 0));
+        }
+        c.settle();
+        for t in ts {
+            io_ok(&c, t);
+        }
+        assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
+    }
+}
+
+#[test]
+fn flush_waits_for_both_nodes() {
+    let mut c = synced_pair(3);
+    let w = c.write(0, 0, &[1; 4096], false);
+    c.settle();
+    io_ok(&c, w);
+    let f = c.client(0, ClientOp::Flush);
+    while c.complete_one(0) {}
+    assert!(c.answer(f).is_none());
+    c.settle();
+    io_ok(&c, f);
+}
+
+#[test]
+fn interrupted_resync_resumes_and_completes() {
+    for seed in 0..10 {
+        let mut c = synced_pair(seed);
+        c.partition();
+        for k in 0..64u64 {
+            c.write(0, k * 65536, &[k as u8; 65536], false);
+        }
+        c.settle();
+        c.heal();
+        assert!(c.try_connect());
+        // Let part of the resync happen, then cut the link.
+        for _ in 0..40 {
+            c.step();
+        }
+        c.partition();
+        c.settle();
+        c.heal();
+        c.settle();
+        assert_eq!(
+            c.core(1).disk(),
+            DiskState::UpToDate,
+            "seed {seed}: {:#?}",
+            c.trace
+        );
+        assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
+    }
+}
+
+#[test]
+fn promotion_is_refused_while_the_connected_peer_is_primary() {
+    let mut c = synced_pair(4);
+    let id = c.command(1, Command::Primary { force: false });
+    c.settle();
+    match c.answer(id) {
+        Some(Answer::Command(Err(e))) => assert!(e.refused, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Switch-over: demote alpha, then beta may become Primary.
+    let d = c.command(0, Command::Secondary);
+    c.settle();
+    ok(&c, d);
+    let p = c.command(1, Command::Primary { force: false });
+    c.settle();
+    ok(&c, p);
+    assert_eq!(c.core(1).role(), Role::Primary);
+    assert_eq!(c.core(0).role(), Role::Secondary);
+    let t = c.write(1, 0, &[5; 4096], true);
+    c.settle();
+    io_ok(&c, t);
+    assert!(c.data(0) == c.data(1), "data areas differ");
+}
+
+#[test]
+fn simultaneous_promotions_never_give_two_primaries() {
+    for seed in 0..50 {
+        let mut c = synced_pair(seed);
+        let d = c.command(0, Command::Secondary);
+        c.settle();
+        ok(&c, d);
+        let a = c.command(0, Command::Primary { force: false });
+        let b = c.command(1, Command::Primary { force: false });
+        c.settle();
+        let primaries = (0..2)
+            .filter(|&i| c.core(i).role() == Role::Primary)
+            .count();
+        assert_eq!(
+            primaries,
+            1,
+            "seed {seed}: {:?} {:?}",
+            c.answer(a),
+            c.answer(b)
+        );
+    }
+}
+
+#[test]
+fn invalidate_resyncs_everything_from_the_peer() {
+    let mut c = synced_pair(5);
+    c.nodes[1].disk.poke(100, b"garbage behind tandem's back");
+    assert!(c.data(0) != c.data(1));
+    let i = c.command(1, Command::Invalidate);
+    c.settle();
+    ok(&c, i);
+    assert_eq!(c.core(1).disk(), DiskState::UpToDate, "{:#?}", c.trace);
+    assert!(c.data(0) == c.data(1), "data areas differ");
+}
+
+#[test]
+fn new_current_uuid_clear_bitmap_skips_the_initial_sync() {
+    let mut c = SimCluster::new(6, SIZE, Fencing::DontCare);
+    assert!(c.try_connect());
+    c.settle();
+    assert_eq!(c.core(0).disk(), DiskState::Inconsistent);
+    let id = c.command(0, Command::NewCurrentUuid { clear_bitmap: true });
+    c.settle();
+    ok(&c, id);
+    for i in 0..2 {
+        assert_eq!(c.core(i).disk(), DiskState::UpToDate, "{:#?}", c.trace);
+    }
+    assert_eq!(
+        c.core(0).superblock().generations,
+        c.core(1).superblock().generations
+    );
+    let p = c.command(1, Command::Primary { force: false });
+    c.settle();
+    ok(&c, p);
+}
+
+#[test]
+fn split_brain_is_detected_and_resolved_by_discarding_one_side() {
+    let mut c = synced_pair(7);
+    c.partition();
+    let p = c.command(1, Command::Primary { force: true });
+    c.settle();
+    ok(&c, p);
+    c.write(0, 0, &[1; 4096], false);
+    c.write(1, 8192, &[2; 4096], false);
+    c.settle();
+    let before = (c.data(0).to_vec(), c.data(1).to_vec());
+    c.heal();
+    c.settle();
+    for i in 0..2 {
+        assert!(c.core(i).split_brain(), "{:#?}", c.trace);
+        assert_eq!(c.core(i).connection(), ConnState::StandAlone);
+    }
+    assert!(
+        (c.data(0).to_vec(), c.data(1).to_vec()) == before,
+        "data touched on split-brain"
+    );
+    // Beta's changes are to go: demote it, discard, reconnect alpha too.
+    let d = c.command(1, Command::Secondary);
+    c.settle();
+    ok(&c, d);
+    let x = c.command(
+        1,
+        Command::Connect {
+            discard_my_data: true,
+        },
+    );
+    let y = c.command(
+        0,
+        Command::Connect {
+            discard_my_data: false,
+        },
+    );
+    c.settle();
+    ok(&c, x);
+    ok(&c, y);
+    assert_eq!(c.core(1).disk(), DiskState::UpToDate, "{:#?}", c.trace);
+    assert!(c.data(0) == c.data(1), "data areas differ");
+    assert!(
+        c.data(1)[8192..8192 + 4096].iter().all(|&b| b == 0xaa),
+        "beta's split-brain write survived"
+    );
+    assert!(
+        c.data(1)[..4096].iter().all(|&b| b == 1),
+        "alpha's split-brain write is missing"
+    );
+}
+
+#[test]
+fn a_crashed_primary_resyncs_only_its_activity_log_regions() {
+    const BIG: u64 = 64 << 20;
+    const EXTENT: u64 = 4 << 20;
+    for seed in 0..10 {
+        let mut c = SimCluster::new(seed, BIG, Fencing::DontCare);
+        let p = c.command(0, Command::Primary { force: true });
+        c.settle();
+        ok(&c, p);
+        assert!(c.data(0) == c.data(1));
+        // Writes into extents 2 and 5 only, some flushed, some not.
+        c.write(0, 2 * EXTENT + 4096, &[1; 8192], false);
+        c.write(0, 5 * EXTENT, &[2; 4096], false);
+        c.settle();
+        let f = c.client(0, ClientOp::Flush);
+        c.settle();
+        io_ok(&c, f);
+        c.write(0, 5 * EXTENT + 65536, &[3; 4096], false);
+        // Crash alpha with that write in flight somewhere.
+        for _ in 0..(seed % 4) {
+            c.step();
+        }
+        c.crash(0);
+        // Beta takes over (fencing is off here) and writes a block.
+        let p = c.command(1, Command::Primary { force: false });
+        c.settle();
+        ok(&c, p);
+        let t = c.write(1, 9 * EXTENT, &[4; 4096], true);
+        c.settle();
+        io_ok(&c, t);
+        let sent_before = c.core(1).status(test_engine()).counters.resync_sent_bytes;
+        c.start(0);
+        // The restarted node marked exactly its log's extents.
+        assert_eq!(c.core(0).bitmap().count(), 2 * EXTENT / 4096, "seed {seed}");
+        c.settle();
+        assert_eq!(
+            c.core(0).disk(),
+            DiskState::UpToDate,
+            "seed {seed}: {:#?}",
+            c.trace
+        );
+        assert_eq!(c.core(0).role(), Role::Secondary);
+        assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
+        let sent = c.core(1).status(test_engine()).counters.resync_sent_bytes - sent_before;
+        assert!(
+            sent <= 2 * EXTENT + 4096,
+            "seed {seed}: sent {sent}, more than the log's regions"
+        );
+    }
+}
+
+#[test]
+fn activity_log_eviction_keeps_crashes_safe() {
+    // The sim's log holds 4 extents; writes roam over 12 of them.
+    const BIG: u64 = 64 << 20;
+    const EXTENT: u64 = 4 << 20;
+    for seed in 0..20 {
+        let mut c = SimCluster::new(seed, BIG, Fencing::DontCare);
+        let p = c.command(0, Command::Primary { force: true });
+        c.settle();
+        ok(&c, p);
+        for k in 0..40u64 {
+            let e = (k * 7 + seed) % 12;
+            c.write(0, e * EXTENT + (k % 16) * 4096, &[k as u8 + 1; 4096], false);
+            for _ in 0..(k % 3) {
+                c.step();
+            }
+        }
+        c.settle();
+        // Both crash (power) and come back: nothing may differ unnoticed.
+        c.crash(0);
+        c.crash(1);
+        c.start(0);
+        c.start(1);
+        c.settle();
+        assert_eq!(
+            c.core(0).replication(),
+            ReplState::Established,
+            "seed {seed}: {:#?}",
+            c.trace
+        );
+        assert!(
+            c.data(0) == c.data(1),
+            "seed {seed}: data areas differ after both crashed"
+        );
+    }
+}
+
+fn test_engine() -> tandem_replicator::status::EngineStatus {
+    tandem_replicator::status::EngineStatus {
+        kind: "sim".into(),
+        direct_io: false,
+        fua: "rwf_dsync".into(),
+        fdatasyncs: 0,
+        dsync_writes: 0,
+    }
+}
+
+/// A synced pair with `fencing`.
+fn fenced_pair(seed: u64, fencing: Fencing) -> SimCluster {
+    let mut c = SimCluster::new(seed, SIZE, fencing);
+    let p = c.command(0, Command::Primary { force: true });
+    c.settle();
+    ok(&c, p);
+    assert_eq!(c.core(1).disk(), DiskState::UpToDate);
+    c
+}
+
+#[test]
+fn resource_and_stonith_suspends_until_the_peer_is_fenced() {
+    let mut fenced = 0;
+    let mut stuck = 0;
+    for seed in 0..40 {
+        let mut c = fenced_pair(seed, Fencing::ResourceAndStonith);
+        let w = c.write(0, 0, &[9; 4096], false);
+        // The link goes while the write is in flight.
+        c.step();
+        c.partition();
+        let later = c.write(0, 8192, &[8; 4096], false);
+        // Everything but the handler settles: nothing is answered yet.
+        while c.step_except_handlers() {}
+        assert!(c.core(0).status(test_engine()).io_suspended, "seed {seed}");
+        if c.answer(later).is_some() {
+            panic!("seed {seed}: answered while suspended");
+        }
+        c.settle(); // the handler runs: STONITH of beta, or failure
+        if c.running(1) {
+            stuck += 1;
+            // Not confirmed: still suspended, nothing answered.
+            assert!(c.core(0).status(test_engine()).io_suspended, "seed {seed}");
+            assert!(c.answer(later).is_none(), "seed {seed}");
+            // The operator powers beta off and confirms.
+            c.crash(1);
+            let f = c.command(0, Command::FenceConfirm);
+            c.settle();
+            ok(&c, f);
+        } else {
+            fenced += 1;
+        }
+        assert!(!c.core(0).status(test_engine()).io_suspended, "seed {seed}");
+        io_ok(&c, later);
+        if let Some(Answer::Io(r)) = c.answer(w) {
+            assert!(r.is_ok());
+        }
+    }
+    assert!(
+        fenced > 0 && stuck > 0,
+        "both outcomes exercised: {fenced} fenced, {stuck} stuck"
+    );
+}
+
+#[test]
+fn a_disconnected_node_is_promoted_only_after_fencing() {
+    for seed in 0..30 {
+        let mut c = fenced_pair(seed, Fencing::ResourceOnly);
+        c.partition();
+        // Alpha runs fence-peer for losing its peer; it may power beta off.
+        c.settle();
+        if !c.running(1) {
+            c.start(1); // beta reboots, isolated
+        }
+        let p = c.command(1, Command::Primary { force: false });
+        c.settle();
+        match c.answer(p) {
+            Some(Answer::Command(Ok(_))) => {
+                // Only if fence-peer really powered alpha off.
+                assert!(
+                    !c.running(0),
+                    "seed {seed}: promoted while alpha runs unfenced"
+                );
+                assert_eq!(c.core(1).role(), Role::Primary);
+            }
+            Some(Answer::Command(Err(e))) => {
+                assert!(e.refused, "seed {seed}: {e:?}");
+                assert_eq!(c.core(1).role(), Role::Secondary);
+            }
+            other => panic!("seed {seed}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_rebooted_isolated_secondary_cannot_promote_itself() {
+    let mut c = fenced_pair(3, Fencing::ResourceOnly);
+    c.partition();
+    c.settle();
+    if c.running(1) {
+        c.crash(1);
+    }
+    c.start(1);
+    assert_eq!(c.core(1).disk(), DiskState::Consistent);
+    let p = c.command(1, Command::Primary { force: false });
+    c.settle();
+    match c.answer(p) {
+        Some(Answer::Command(Err(e))) => assert!(e.refused, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    // fence-confirm after powering alpha off makes it UpToDate and promotable.
+    c.crash(0);
+    let f = c.command(1, Command::FenceConfirm);
+    c.settle();
+    ok(&c, f);
+    assert_eq!(c.core(1).disk(), DiskState::UpToDate);
+    let p = c.command(1, Command::Primary { force: false });
+    c.settle();
+    ok(&c, p);
+}
