@@ -11,7 +11,9 @@ use tandem_nbd::{BlockSizes, ErrorCode, Export, ExportInfo, Refusal, RefusalKind
 use tokio::sync::oneshot;
 
 use super::shared::Shared;
+use crate::core::activity::MAX_REQUEST_EXTENTS;
 use crate::core::{ClientOp, IoResult, NbdRefusal};
+use crate::metadata::activity_log::AL_EXTENT_SIZE;
 
 pub struct NodeExport {
     shared: Arc<Shared>,
@@ -46,6 +48,56 @@ impl NodeExport {
         let (tx, rx) = oneshot::channel();
         self.shared.run(|core| core.handle_client(tx, op));
         rx.await.unwrap_or(Err(ErrorCode::Shutdown))
+    }
+
+    /// A TRIM or WRITE_ZEROES of up to 4 GiB, in pieces of at most
+    /// [`MAX_REQUEST_EXTENTS`] activity-log extents (so one request never
+    /// needs a log transaction wider than that), all in flight at once. The
+    /// answer waits for every piece; the first error wins.
+    async fn submit_split(
+        &self,
+        offset: u64,
+        len: u32,
+        op: impl Fn(u64, u32) -> ClientOp,
+    ) -> IoResult {
+        let pieces = split_at_extents(offset, len);
+        if pieces.len() == 1 {
+            return self.submit(op(offset, len)).await;
+        }
+        let receivers: Vec<_> = pieces
+            .into_iter()
+            .map(|(o, l)| {
+                let (tx, rx) = oneshot::channel();
+                let piece = op(o, l);
+                self.shared.run(|core| core.handle_client(tx, piece));
+                rx
+            })
+            .collect();
+        let mut result = Ok(None);
+        for rx in receivers {
+            let r = rx.await.unwrap_or(Err(ErrorCode::Shutdown));
+            if result.is_ok() && r.is_err() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+/// `[offset, offset + len)` cut at activity-log extent boundaries into
+/// pieces of at most [`MAX_REQUEST_EXTENTS`] extents.
+fn split_at_extents(offset: u64, len: u32) -> Vec<(u64, u32)> {
+    let step = MAX_REQUEST_EXTENTS as u64 * AL_EXTENT_SIZE;
+    let end = offset + u64::from(len);
+    let mut pieces = Vec::new();
+    let mut at = offset;
+    loop {
+        let next = ((at / step + 1) * step).min(end);
+        pieces.push((at, (next - at) as u32));
+        if next >= end {
+            return pieces;
+        }
+        at = next;
     }
 }
 
@@ -118,9 +170,9 @@ impl Export for NodeExport {
     }
 
     async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), ErrorCode> {
-        self.submit(ClientOp::Trim {
+        self.submit_split(offset, length, |offset, len| ClientOp::Trim {
             offset,
-            len: length,
+            len,
             fua,
         })
         .await
@@ -128,13 +180,45 @@ impl Export for NodeExport {
     }
 
     async fn write_zeroes(&self, offset: u64, length: u32, f: ZeroFlags) -> Result<(), ErrorCode> {
-        let op = ClientOp::WriteZeroes {
+        let op = |offset, len| ClientOp::WriteZeroes {
             offset,
-            len: length,
+            len,
             no_hole: f.no_hole,
             fast: f.fast,
             fua: f.fua,
         };
-        self.submit(op).await.map(drop)
+        self.submit_split(offset, length, op).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STEP: u64 = MAX_REQUEST_EXTENTS as u64 * AL_EXTENT_SIZE;
+
+    #[test]
+    fn small_requests_stay_whole() {
+        assert_eq!(split_at_extents(4096, 8192), vec![(4096, 8192)]);
+        assert_eq!(split_at_extents(0, STEP as u32), vec![(0, STEP as u32)]);
+    }
+
+    #[test]
+    fn large_requests_are_cut_at_extent_boundaries() {
+        let pieces = split_at_extents(STEP - 4096, u32::MAX);
+        let end = STEP - 4096 + u64::from(u32::MAX);
+        // Contiguous, covering the request exactly.
+        assert_eq!(pieces[0], (STEP - 4096, 4096));
+        let mut at = STEP - 4096;
+        for &(o, l) in &pieces {
+            assert_eq!(o, at);
+            assert!(l > 0);
+            // Never more than MAX_REQUEST_EXTENTS extents, never across
+            // a piece boundary.
+            assert_eq!(o / STEP, (o + u64::from(l) - 1) / STEP);
+            at += u64::from(l);
+        }
+        assert_eq!(at, end);
+        assert_eq!(pieces.len(), 17);
     }
 }
