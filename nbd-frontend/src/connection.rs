@@ -120,7 +120,13 @@ pub(crate) async fn serve<R, W, E>(
             } => {
                 let export = export.clone();
                 let future = async move { execute(&*export, command, payload).await };
-                Request::start(cookie, future, budget, &outbox);
+                // Nothing more to read yet: the client is waiting for this
+                // answer, so the storage may do the I/O on this thread.
+                if reader.buffer().is_empty() {
+                    crate::inline::allow(|| Request::start(cookie, future, budget, &outbox));
+                } else {
+                    Request::start(cookie, future, budget, &outbox);
+                }
             }
         }
     };
