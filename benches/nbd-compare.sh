@@ -35,6 +35,8 @@
 #                      a machine that is busy compiling
 #   BUILD [1]          cargo build --release first (0: use the binaries as they are)
 #   REPD_DIR [<repo>/target/release]  where repd and repctl are (for A/B runs)
+#   BASE_DIR []        a second repd build for A/B in the same run: servers
+#                      base-direct and base-buffered run $BASE_DIR/repd
 #   ROWS [all]         which rows to run, e.g. "fua_qd1 randwrite_qd32" (quick A/B)
 set -euo pipefail
 
@@ -196,14 +198,18 @@ start_server() {
     local name=$1
     rm -f "$SOCK"
     case $name in
-    repd-direct | repd-buffered | repd-direct-threads | repd-buffered-threads)
-        local mode=${name#repd-} engine=io-uring
+    repd-direct | repd-buffered | repd-direct-threads | repd-buffered-threads | base-direct | base-buffered)
+        local mode=${name#*-} engine=io-uring repd=$REPD
+        if [[ $name == base-* ]]; then
+            [[ -n ${BASE_DIR:-} && -x $BASE_DIR/repd ]] || die "$name needs BASE_DIR with a repd"
+            repd=$BASE_DIR/repd
+        fi
         if [[ $mode == *-threads ]]; then
             mode=${mode%-threads}
             engine=threads
         fi
         repctl create-md --force >/dev/null
-        "$REPD" --config "$CFG" --node alpha --engine "$engine" --io "$mode" \
+        "$repd" --config "$CFG" --node alpha --engine "$engine" --io "$mode" \
             >"$TMP/$name.log" 2>&1 &
         SERVER_PID=$!
         PIDS+=("$SERVER_PID")
@@ -236,7 +242,7 @@ start_server() {
 
 stop_server() {
     local name=$1
-    if [[ $name == repd-* ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    if [[ $name == repd-* || $name == base-* ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         # The clean stop: in-flight requests finish, metadata is written.
         repctl down >/dev/null 2>&1 || true
     fi

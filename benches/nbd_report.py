@@ -16,8 +16,8 @@ import sys
 from collections import defaultdict
 
 SERVERS = ["repd-direct", "repd-buffered", "repd-direct-threads", "repd-buffered-threads",
-           "nbdkit", "qemu-nbd"]
-REPD = SERVERS[:4]
+           "base-direct", "base-buffered", "nbdkit", "qemu-nbd"]
+REPD = SERVERS[:6]
 OTHERS = ["nbdkit", "qemu-nbd"]
 
 # (row, metric, label) in display order.
@@ -97,7 +97,8 @@ def main():
 
     pairs = [(a, b) for a in REPD if a in servers for b in OTHERS if b in servers]
     short = {"repd-direct": "dir", "repd-buffered": "buf", "repd-direct-threads": "dir-thr",
-             "repd-buffered-threads": "buf-thr", "nbdkit": "nbdkit", "qemu-nbd": "qemu"}
+             "repd-buffered-threads": "buf-thr", "base-direct": "base-dir",
+             "base-buffered": "base-buf", "nbdkit": "nbdkit", "qemu-nbd": "qemu"}
     head = ["row", "unit", "better"] + servers + [f"{short[a]}/{short[b]}" for a, b in pairs]
     lines = []
     summary = {"rows": []}

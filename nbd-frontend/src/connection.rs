@@ -17,10 +17,13 @@
 //! client has only half sent: it was never read, so it is never executed or
 //! answered.
 
+use std::future::poll_fn;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
@@ -117,7 +120,13 @@ pub(crate) async fn serve<R, W, E>(
             } => {
                 let export = export.clone();
                 let future = async move { execute(&*export, command, payload).await };
-                Request::start(cookie, future, budget, &outbox);
+                // Nothing more to read yet: the client is waiting for this
+                // answer, so the storage may do the I/O on this thread.
+                if reader.buffer().is_empty() {
+                    crate::inline::allow(|| Request::start(cookie, future, budget, &outbox));
+                } else {
+                    Request::start(cookie, future, budget, &outbox);
+                }
             }
         }
     };
@@ -223,11 +232,10 @@ async fn read_request<R: AsyncRead + Unpin>(
         return Next::End("budget closed");
     };
     let payload = if let Command::Write { length, .. } = command {
-        let mut buf = AlignedBuf::zeroed(length as usize);
-        if reader.read_exact(buf.as_mut_slice()).await.is_err() {
-            return Next::End("client closed the connection mid-payload");
+        match read_payload(reader, length as usize).await {
+            Some(buf) => Some(buf.into_bytes()),
+            None => return Next::End("client closed the connection mid-payload"),
         }
-        Some(buf.into_bytes())
     } else {
         None
     };
@@ -237,6 +245,34 @@ async fn read_request<R: AsyncRead + Unpin>(
         payload,
         budget: permit,
     }
+}
+
+/// Read exactly `len` bytes into a new aligned buffer without zeroing it
+/// first (zeroing costs about as much as the copy from the socket): the
+/// bytes are read straight into the uninitialised memory through
+/// [`ReadBuf::uninit`], which tracks how much has been filled. `None` if the
+/// stream ends or fails first; the partly filled buffer is then dropped
+/// unread.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> Option<AlignedBuf> {
+    // SAFETY: nothing reads the buffer until the loop below has filled all
+    // `len` bytes; on an early return it is only dropped.
+    let mut buf = unsafe { AlignedBuf::uninit(len) };
+    // SAFETY: the buffer owns `len` writable bytes at this address, and the
+    // slice (of `MaybeUninit`, which has no validity requirement) is the only
+    // reference to them while it lives.
+    let memory =
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<MaybeUninit<u8>>(), len) };
+    let mut window = ReadBuf::uninit(memory);
+    while window.remaining() > 0 {
+        let before = window.filled().len();
+        let read = poll_fn(|cx| Pin::new(&mut *reader).poll_read(cx, &mut window)).await;
+        if read.is_err() || window.filled().len() == before {
+            return None;
+        }
+    }
+    // `ReadBuf` only counts bytes as filled once it has written them.
+    debug_assert_eq!(window.filled().len(), len);
+    Some(buf)
 }
 
 /// Run one command against the export: the result, and a read's data.

@@ -22,6 +22,7 @@
 
 mod connection;
 mod export;
+pub mod inline;
 mod reply;
 mod server;
 

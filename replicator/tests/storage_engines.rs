@@ -215,3 +215,109 @@ fn start_engine_gives_what_was_chosen() {
         engine.shutdown();
     }
 }
+
+/// With the NBD connection's inline hint, an idle io_uring engine runs a
+/// write or flush on the submitting thread and completes it before
+/// `submit` returns, through the same plan: a FUA write still ends with its
+/// sync, a flush is one `fdatasync`. The hint is taken once: what the
+/// completion submits goes to the engine's threads.
+#[test]
+fn inline_hint_runs_writes_and_flushes_on_the_submitting_thread() {
+    use tandem_replicator::storage::FuaMode;
+    for mode in [IoMode::Direct, IoMode::Buffered] {
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let path = make_file(&dir.path().join("disk.img"), 1 << 20);
+        let backing = Arc::new(Backing::open(path, OpenOptions { mode }).unwrap());
+        let engine = start_engine(Arc::clone(&backing), EngineSel::Uring);
+        let me = std::thread::current().id();
+        let fua = Op::Write {
+            offset: 2 * 4096,
+            data: tandem_proto::AlignedBuf::copy_from(&[9; 4096]).into_bytes(),
+            fua: true,
+        };
+        // (writes, FUA writes, flushes) issued, follow-ups included.
+        let mut issued = (0, 0, 0);
+        for (i, op) in [aligned_write(1), fua, Op::Flush].into_iter().enumerate() {
+            // "Idle" is a heuristic: the previous op's bookkeeping may
+            // still be finishing on an engine thread. Try again then.
+            let mut inline = false;
+            for _attempt in 0..100 {
+                match op {
+                    Op::Write { fua: true, .. } => issued.1 += 1,
+                    Op::Write { .. } => issued.0 += 1,
+                    _ => issued.2 += 1,
+                }
+                issued.2 += 1; // the completion's follow-up flush
+                let (tx, rx) = mpsc::channel();
+                let inner = Arc::clone(&engine);
+                tandem_nbd::inline::allow(|| {
+                    engine.submit(
+                        op.clone(),
+                        Box::new(move |r| {
+                            let here = std::thread::current().id();
+                            // A follow-up from the completion is not inline.
+                            let (tx2, rx2) = mpsc::channel();
+                            inner.submit(
+                                Op::Flush,
+                                Box::new(move |_| tx2.send(std::thread::current().id()).unwrap()),
+                            );
+                            tx.send((r, here, rx2)).unwrap();
+                        }),
+                    )
+                });
+                let done_before_return = rx.try_recv().ok();
+                let before = done_before_return.is_some();
+                let (r, thread, rx2) = match done_before_return {
+                    Some(done) => done,
+                    None => rx.recv_timeout(HANG).unwrap(),
+                };
+                assert!(r.is_ok(), "{r:?}");
+                assert_ne!(rx2.recv_timeout(HANG).unwrap(), me);
+                if thread == me {
+                    assert!(before, "an inline op completes before submit returns");
+                    inline = true;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            assert!(inline, "{mode:?} op {i} never ran on the submitting thread");
+        }
+        let (writes, fua_writes, flushes) = issued;
+        let stats = engine.stats();
+        assert_eq!(stats.writes, writes + fua_writes);
+        match backing.fua_mode() {
+            FuaMode::WriteThenSync => {
+                assert_eq!(
+                    (stats.fdatasyncs, stats.dsync_writes),
+                    (fua_writes + flushes, 0)
+                )
+            }
+            FuaMode::Dsync => {
+                assert_eq!(
+                    (stats.fdatasyncs, stats.dsync_writes),
+                    (flushes, fua_writes)
+                )
+            }
+        }
+        let back = run_engine(
+            &*engine,
+            Op::Read {
+                offset: 2 * 4096,
+                len: 4096,
+            },
+        )
+        .unwrap();
+        match back {
+            Done::Read(data) => assert!(data.iter().all(|&b| b == 9)),
+            Done::Ok => panic!("a read yields data"),
+        }
+        // Without the hint nothing runs inline.
+        let (tx, rx) = mpsc::channel();
+        engine.submit(
+            Op::Flush,
+            Box::new(move |_| tx.send(std::thread::current().id()).unwrap()),
+        );
+        assert_ne!(rx.recv_timeout(HANG).unwrap(), me);
+        engine.shutdown();
+    }
+}

@@ -47,6 +47,20 @@ impl EngineThreads {
         CURRENT_ENGINE.with(|c| c.set(self.0));
     }
 
+    /// Count the calling thread as one of this engine's until `f` returns
+    /// (for an op an engine runs on the submitting thread), then restore
+    /// what it was.
+    pub(crate) fn within<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(usize);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT_ENGINE.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(CURRENT_ENGINE.with(|c| c.replace(self.0)));
+        f()
+    }
+
     /// Whether the calling thread is one of this engine's.
     pub(crate) fn is_current(&self) -> bool {
         CURRENT_ENGINE.with(|c| c.get()) == self.0

@@ -22,6 +22,20 @@
 //! completion) to the sync thread, which finishes the plan with blocking
 //! syscalls and runs the completion.
 //!
+//! Two more paths skip the ring when it would only add thread hand-offs
+//! (each a cross-CPU wake-up, tens of microseconds on a virtual machine):
+//! - a write is handed whole to the sync thread when that thread is idle and
+//!   the ring would only pass the write on: buffered writes (io_uring punts
+//!   them to io-wq on ext4) and FUA writes in `FuaMode::WriteThenSync`;
+//! - a write or `Flush` submitted with the NBD connection's inline hint
+//!   (`tandem_nbd::inline`: the client has nothing else queued) while the
+//!   engine has nothing in flight runs on the submitting thread, with
+//!   blocking syscalls, and completes before `submit` returns (as nbdkit
+//!   answers on the thread that read the request).
+//!
+//! Both drive the same [`Plan`], so they issue the same syscalls in the same
+//! order as the ring would; both count in `Queue::syncs`, so shutdown waits.
+//!
 //! Invariants:
 //! - only the ring thread touches the ring, the in-flight table and the
 //!   backlog; submitters and the side thread only touch the two locked
@@ -35,8 +49,8 @@
 //! - `shutdown` stops accepting ops from other threads, waits until every
 //!   accepted op (and every follow-up its completion submitted) has
 //!   completed, then joins the thread;
-//! - a `Flush` is handed to the sync thread in `submit` and its `fdatasync`
-//!   is called after that, so it is issued after every write that completed
+//! - a `Flush` is handed to the sync thread (or run inline) in `submit` and
+//!   its `fdatasync` is called after that, so it is issued after every write that completed
 //!   before the `Flush` was submitted; it never waits behind other ops;
 //! - the ring thread stops only when no `Flush` is outstanding either
 //!   (`Queue::syncs`, decremented after the completion ran, so whatever the
@@ -45,6 +59,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{JoinHandle, ThreadId};
@@ -55,7 +70,7 @@ use rustix::io::Errno;
 use super::backing::{Backing, BackingKind};
 use super::blkdev;
 use super::callback::{EngineThreads, complete};
-use super::engine::{Completion, Engine, EngineKind, EngineStats, Op, StorageError};
+use super::engine::{Completion, Engine, EngineKind, EngineStats, FuaMode, Op, StorageError};
 use super::plan::{Geometry, Plan, Prim, PrimResult, Step, execute_blocking};
 use super::stats::Counters;
 
@@ -67,6 +82,8 @@ const WAKE_TOKEN: u64 = u64::MAX;
 
 pub struct UringEngine {
     shared: Arc<Shared>,
+    /// For ops run on the submitting thread (see `run_inline`).
+    backing: Arc<Backing>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -81,15 +98,22 @@ struct Shared {
     threads: EngineThreads,
     /// The ring thread's id (set before any op can be submitted).
     ring_thread: std::sync::OnceLock<ThreadId>,
-    /// `Flush` ops for the sync thread.
+    /// Jobs for the sync thread.
     syncs: Mutex<SyncJobs>,
     sync_work: Condvar,
+    /// Ops on the ring (the ring thread's `live`), for `run_inline`'s
+    /// idleness check; only a heuristic, never relied on for correctness.
+    ring_live: AtomicUsize,
+    /// Writes bypass the page cache (`O_DIRECT`).
+    direct: bool,
+    fua: FuaMode,
 }
 
 /// Work for the sync thread.
 enum SyncJob {
-    /// A `Flush` op.
-    Flush(Completion),
+    /// A whole op: a `Flush`, or a write taken while the thread was idle
+    /// (see [`Shared::sync_thread_takes`]).
+    Op(Op, Completion),
     /// An op whose plan's next primitive is `Fdatasync`, with no SQE of it
     /// in the kernel.
     Plan(Plan, Completion),
@@ -98,6 +122,8 @@ enum SyncJob {
 #[derive(Default)]
 struct SyncJobs {
     jobs: VecDeque<SyncJob>,
+    /// The sync thread is running a job.
+    busy: bool,
     /// Set by the ring thread when it stops: the sync thread ends.
     stop: bool,
 }
@@ -110,7 +136,7 @@ struct Queue {
     shutting_down: bool,
     /// The ring thread has exited: nothing will take `ops` any more.
     stopped: bool,
-    /// `Flush` ops handed to the sync thread whose completion has not run.
+    /// Ops handed to the sync thread whose completion has not run.
     syncs: usize,
 }
 
@@ -125,6 +151,28 @@ impl Shared {
 
     fn on_ring_thread(&self) -> bool {
         self.ring_thread.get() == Some(&std::thread::current().id())
+    }
+
+    /// Whether `op` is better done by the sync thread with blocking
+    /// syscalls than through the ring, given whether that thread is `idle`.
+    ///
+    /// A `Flush` always is (see the module documentation). So is, when the
+    /// sync thread is idle, a write the ring would only pass on: a FUA write
+    /// in [`FuaMode::WriteThenSync`] (the ring would hand its `fdatasync` to
+    /// the sync thread anyway), and any write without `O_DIRECT`, which
+    /// io_uring cannot do without blocking on ext4 and punts to an io-wq
+    /// worker whose completion then wakes the ring thread. The blocking
+    /// write on the sync thread answers after one thread hand-off instead of
+    /// three (nbdkit does it with none). When the sync thread is busy, the
+    /// write goes to the ring as before, so writes still run in parallel.
+    fn sync_thread_takes(&self, op: &Op, idle: bool) -> bool {
+        match *op {
+            Op::Flush => true,
+            Op::Write { fua, .. } => {
+                idle && (!self.direct || (fua && self.fua == FuaMode::WriteThenSync))
+            }
+            _ => false,
+        }
     }
 
     fn wake(&self) {
@@ -173,6 +221,9 @@ impl UringEngine {
             ring_thread: std::sync::OnceLock::new(),
             syncs: Mutex::new(SyncJobs::default()),
             sync_work: Condvar::new(),
+            ring_live: AtomicUsize::new(0),
+            direct: backing.is_direct(),
+            fua: backing.fua_mode(),
         });
         let sync_thread = {
             let shared = Arc::clone(&shared);
@@ -189,10 +240,13 @@ impl UringEngine {
             BackingKind::File => None,
         };
         let ring_shared = Arc::clone(&shared);
+        let ring_backing = Arc::clone(&backing);
         // The ring thread's state holds raw pointers (not Send): build it there.
         let spawned = std::thread::Builder::new()
             .name("storage-uring".into())
-            .spawn(move || RingThread::new(ring, ring_shared, side, sync_thread, backing).run());
+            .spawn(move || {
+                RingThread::new(ring, ring_shared, side, sync_thread, ring_backing).run()
+            });
         let thread = match spawned {
             Ok(thread) => thread,
             Err(e) => {
@@ -204,6 +258,7 @@ impl UringEngine {
         let _ = shared.ring_thread.set(thread.thread().id());
         Ok(UringEngine {
             shared,
+            backing,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -220,16 +275,32 @@ impl Engine for UringEngine {
             complete(done, Err(StorageError::Shutdown));
             return;
         }
-        if let Op::Flush = op {
-            // Counted before the ring thread can see the queue empty.
+        if !on_engine_thread
+            && matches!(op, Op::Flush | Op::Write { .. })
+            && tandem_nbd::inline::take()
+            && queue.ops.is_empty()
+            && queue.syncs == 0
+            && self.shared.ring_live.load(Ordering::Relaxed) == 0
+        {
+            // Counted like a sync-thread op: the ring thread does not stop
+            // while it runs.
             queue.syncs += 1;
             drop(queue);
-            self.shared
-                .lock_syncs()
-                .jobs
-                .push_back(SyncJob::Flush(done));
-            self.shared.sync_work.notify_one();
+            self.run_inline(op, done);
             return;
+        }
+        if matches!(op, Op::Flush | Op::Write { .. }) {
+            let mut syncs = self.shared.lock_syncs();
+            let idle = !syncs.busy && syncs.jobs.is_empty();
+            if self.shared.sync_thread_takes(&op, idle) {
+                // Counted before the ring thread can see the queue empty.
+                queue.syncs += 1;
+                drop(queue);
+                syncs.jobs.push_back(SyncJob::Op(op, done));
+                drop(syncs);
+                self.shared.sync_work.notify_one();
+                return;
+            }
         }
         queue.ops.push((op, done));
         // The ring thread looks at the queue before it sleeps again, so a
@@ -262,6 +333,47 @@ impl Engine for UringEngine {
             && thread.join().is_err()
         {
             tracing::error!("the io_uring storage thread panicked");
+        }
+    }
+}
+
+impl UringEngine {
+    /// Run `op` on this (the submitting) thread with blocking syscalls and
+    /// complete it before returning. Only for a write or flush submitted
+    /// with the connection's [`tandem_nbd::inline`] hint while the engine
+    /// has nothing else in flight: the client waits for this answer alone,
+    /// and any hand-off to the ring or sync thread would only add a thread
+    /// wake-up to its latency (nbdkit answers on the thread that read the
+    /// request). The same plan as on every other path decides the
+    /// syscalls, so durability is unchanged: a `Flush`'s `fdatasync` is
+    /// issued after it was submitted, a FUA write completes after its sync.
+    /// The caller counted the op in `Queue::syncs`. The thread counts as an
+    /// engine thread meanwhile, so what the completion submits is part of a
+    /// shutdown's drain, and never runs inline itself.
+    fn run_inline(&self, op: Op, done: Completion) {
+        let shared = &self.shared;
+        shared.threads.within(|| {
+            let mut plan = Plan::new(op, Geometry::of(&self.backing));
+            let mut last = None;
+            let result = loop {
+                match plan.step(last, &shared.counters) {
+                    // SAFETY: `prim` came from `plan`, which is alive and is
+                    // not stepped until the syscall returns.
+                    Step::Issue(prim) => {
+                        last = Some(unsafe { execute_blocking(self.backing.as_fd(), &prim) })
+                    }
+                    Step::Finished(result) => break result,
+                }
+            };
+            complete(done, result);
+        });
+        let shutting_down = {
+            let mut queue = shared.lock();
+            queue.syncs -= 1;
+            queue.shutting_down
+        };
+        if shutting_down {
+            shared.wake();
         }
     }
 }
@@ -424,6 +536,7 @@ impl RingThread {
                 }
             };
             self.live += 1;
+            self.shared.ring_live.fetch_add(1, Ordering::Relaxed);
             self.advance(index, None);
         }
     }
@@ -447,6 +560,7 @@ impl RingThread {
                 let slot = self.slots[index].take().expect("slot is occupied");
                 self.free.push(index);
                 self.live -= 1;
+                self.shared.ring_live.fetch_sub(1, Ordering::Relaxed);
                 let done = slot.done.expect("an op completes once");
                 // Counted before the slot stops counting as live.
                 self.shared.lock().syncs += 1;
@@ -464,6 +578,7 @@ impl RingThread {
                 let mut slot = self.slots[index].take().expect("slot is occupied");
                 self.free.push(index);
                 self.live -= 1;
+                self.shared.ring_live.fetch_sub(1, Ordering::Relaxed);
                 let done = slot.done.take().expect("an op completes once");
                 complete(done, result);
             }
@@ -577,9 +692,11 @@ fn sync_thread(shared: &Shared, backing: &Backing) {
     loop {
         let job = {
             let mut syncs = shared.lock_syncs();
+            syncs.busy = false;
             loop {
-                if let Some(done) = syncs.jobs.pop_front() {
-                    break Some(done);
+                if let Some(job) = syncs.jobs.pop_front() {
+                    syncs.busy = true;
+                    break Some(job);
                 }
                 if syncs.stop {
                     break None;
@@ -592,7 +709,7 @@ fn sync_thread(shared: &Shared, backing: &Backing) {
         };
         let (mut plan, done, mut last) = match job {
             None => return,
-            Some(SyncJob::Flush(done)) => (Plan::new(Op::Flush, geometry), done, None),
+            Some(SyncJob::Op(op, done)) => (Plan::new(op, geometry), done, None),
             // Its pending primitive is an fdatasync: do it, then step on.
             Some(SyncJob::Plan(plan, done)) => {
                 // SAFETY: Fdatasync holds no pointers.
