@@ -395,7 +395,13 @@ impl<T> Node<T> {
             return;
         }
         match phase {
-            Phase::SyncSource { ready: false } if disk == DiskState::Inconsistent => {
+            // The target is ready when it has taken our sync generation
+            // (durably Inconsistent under it). Its disk state alone is not
+            // enough: a target already Inconsistent from an interrupted
+            // resync says so before it took the new sync generation.
+            Phase::SyncSource { ready: false }
+                if disk == DiskState::Inconsistent && s.current == self.md.generations.bitmap =>
+            {
                 self.set_phase(Phase::SyncSource { ready: true });
                 // I/O frozen by fencing resumes only now: the target is
                 // durably Inconsistent (it cannot be promoted without
@@ -664,6 +670,11 @@ impl<T> Node<T> {
     }
 
     pub(super) fn target_finished(&mut self) {
+        // Deferred until the metadata was durable: the link it was for may
+        // be gone, and a new link's phase is not ours to change.
+        if self.link.as_ref().map(|l| l.phase) != Some(Phase::SyncTarget) {
+            return;
+        }
         info!("resync finished: the disk is UpToDate");
         self.set_phase(Phase::Established);
         self.event("sync-finished");
@@ -690,6 +701,12 @@ impl<T> Node<T> {
     }
 
     pub(super) fn source_finished(&mut self) {
+        // Deferred until the metadata was durable: the link it was for may
+        // be gone, and a new link in its bitmap exchange must not be taken
+        // for a finished resync (the target then waited forever).
+        if self.link.as_ref().map(|l| l.phase) != Some(Phase::SyncSource { ready: true }) {
+            return;
+        }
         if let Some(link) = self.link.as_mut() {
             link.resync = None;
         }
