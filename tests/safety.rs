@@ -449,6 +449,30 @@ fn promote_drill(mode: &str, code: i32) {
     }
 }
 
+/// A Secondary restarted while its Primary is gone has Consistent, not
+/// UpToDate, data (it cannot know whether the Primary wrote on): `primary`
+/// is refused (today without asking the handler, which would not confirm
+/// on exit 5 for a Consistent disk either), and `fence-confirm` (the
+/// operator powered the peer off and knows this copy is the one to keep)
+/// makes it UpToDate and promotable.
+#[test]
+fn a_restarted_secondary_is_promoted_only_after_fence_confirm() {
+    let mut c = fenced_pair("resource-only", 5);
+    release_handler(&c);
+    c.kill("alpha");
+    c.kill("beta");
+    c.start("beta");
+    assert_eq!(c.field("beta", &["disk"]), "Consistent");
+    let out = c.repctl("beta", &["primary"]);
+    assert_eq!(out.code, 3, "a Consistent disk was promoted: {out:?}");
+    assert!(out.stderr.starts_with("refused:"), "{out:?}");
+    assert_eq!(c.field("beta", &["role"]), "Secondary");
+    c.repctl("beta", &["fence-confirm"]).ok();
+    assert_eq!(c.field("beta", &["disk"]), "UpToDate");
+    c.repctl("beta", &["primary"]).ok();
+    assert_eq!(c.field("beta", &["role"]), "Primary");
+}
+
 macro_rules! fencing_drills {
     ($($name:ident: $drill:ident($mode:expr, $code:expr);)*) => {
         $(
