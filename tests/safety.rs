@@ -332,7 +332,8 @@ fn lost_peer_drill(mode: &str, code: i32) {
     let call = wait_fence_call(&c, 1);
     let beta_addr = format!("127.0.0.1:{}", c.node("beta").link_port);
     assert_eq!(call, format!("r0 alpha beta {beta_addr}"), "handler env");
-    // The handler is running (it sleeps): suspended only with stonith.
+    // The handler is running (held until released): suspended only with
+    // stonith.
     let s = c.status("alpha");
     assert_eq!(s["io_suspended"], stonith, "while the handler runs: {s}");
     assert_eq!(s["role"], "Primary");
