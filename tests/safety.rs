@@ -332,7 +332,8 @@ fn lost_peer_drill(mode: &str, code: i32) {
     let call = wait_fence_call(&c, 1);
     let beta_addr = format!("127.0.0.1:{}", c.node("beta").link_port);
     assert_eq!(call, format!("r0 alpha beta {beta_addr}"), "handler env");
-    // The handler is running (it sleeps): suspended only with stonith.
+    // The handler is running (held until released): suspended only with
+    // stonith.
     let s = c.status("alpha");
     assert_eq!(s["io_suspended"], stonith, "while the handler runs: {s}");
     assert_eq!(s["role"], "Primary");
@@ -447,6 +448,30 @@ fn promote_drill(mode: &str, code: i32) {
             assert_eq!(fence_calls(&c).len(), 1, "{:?}", fence_calls(&c));
         }
     }
+}
+
+/// A Secondary restarted while its Primary is gone has Consistent, not
+/// UpToDate, data (it cannot know whether the Primary wrote on): `primary`
+/// is refused (today without asking the handler, which would not confirm
+/// on exit 5 for a Consistent disk either), and `fence-confirm` (the
+/// operator powered the peer off and knows this copy is the one to keep)
+/// makes it UpToDate and promotable.
+#[test]
+fn a_restarted_secondary_is_promoted_only_after_fence_confirm() {
+    let mut c = fenced_pair("resource-only", 5);
+    release_handler(&c);
+    c.kill("alpha");
+    c.kill("beta");
+    c.start("beta");
+    assert_eq!(c.field("beta", &["disk"]), "Consistent");
+    let out = c.repctl("beta", &["primary"]);
+    assert_eq!(out.code, 3, "a Consistent disk was promoted: {out:?}");
+    assert!(out.stderr.starts_with("refused:"), "{out:?}");
+    assert_eq!(c.field("beta", &["role"]), "Secondary");
+    c.repctl("beta", &["fence-confirm"]).ok();
+    assert_eq!(c.field("beta", &["disk"]), "UpToDate");
+    c.repctl("beta", &["primary"]).ok();
+    assert_eq!(c.field("beta", &["role"]), "Primary");
 }
 
 macro_rules! fencing_drills {
