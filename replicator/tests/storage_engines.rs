@@ -311,7 +311,16 @@ fn inline_hint_runs_writes_and_flushes_on_the_submitting_thread() {
             Done::Read(data) => assert!(data.iter().all(|&b| b == 9)),
             Done::Ok => panic!("a read yields data"),
         }
-        // Without the hint nothing runs inline.
+        // Without the hint, only a small plain buffered write runs on the
+        // submitting thread (a page-cache copy; io_uring would punt it).
+        let (tx, rx) = mpsc::channel();
+        engine.submit(
+            aligned_write(3),
+            Box::new(move |r| tx.send((r, std::thread::current().id())).unwrap()),
+        );
+        let (r, thread) = rx.recv_timeout(HANG).unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(thread == me, mode == IoMode::Buffered, "{mode:?}");
         let (tx, rx) = mpsc::channel();
         engine.submit(
             Op::Flush,

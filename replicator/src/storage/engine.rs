@@ -1,9 +1,14 @@
 //! The engine trait: asynchronous block I/O with completion callbacks.
 //!
 //! An engine receives [`Op`]s through [`Engine::submit`] and calls each op's
-//! [`Completion`] exactly once, on one of the engine's own threads, when the
-//! op is done. `submit` never blocks on I/O and may be called from inside a
-//! completion callback. Engines require ops to be aligned already (see
+//! [`Completion`] exactly once, when the op is done: on one of the engine's
+//! own threads, or on the submitting thread before `submit` returns (a
+//! refused op; and in the io_uring engine a small plain buffered write, or a
+//! write or flush submitted with the NBD connection's inline hint while the
+//! engine is idle, which `submit` does itself with blocking syscalls:
+//! see `uring`). So a caller must not hold, across `submit`, a lock its
+//! completion takes. `submit` may be called from inside a completion
+//! callback; from there it never blocks on I/O. Engines require ops to be aligned already (see
 //! `Storage` for the layer that guarantees it): when the backing store is
 //! opened with `O_DIRECT`, every `offset`, length and buffer address is a
 //! multiple of [`crate::storage::Backing::dio_align`].
@@ -150,7 +155,8 @@ pub struct EngineStats {
 }
 
 pub trait Engine: Send + Sync + 'static {
-    /// Queue `op`; `done` runs once it completes. Never blocks on I/O.
+    /// Queue `op`; `done` runs once it completes, possibly before this
+    /// returns (see the module documentation).
     fn submit(&self, op: Op, done: Completion);
     fn stats(&self) -> EngineStats;
     fn kind(&self) -> EngineKind;
