@@ -43,20 +43,18 @@ fn on_small_tmpfs(on_io_error: &str) -> Small {
     }
 }
 
+/// Write 4 MiB pieces until the small filesystem is full: the first error.
+fn fill_until_error(client: &mut nbd::RawClient) -> Option<ErrorCode> {
+    (1..16u64).find_map(|i| client.write(i * 4 * MIB, &pattern(i, 4 << 20), false).err())
+}
+
 #[test]
 fn detach_fails_the_disk_and_keeps_the_daemon() {
     let mut small = on_small_tmpfs("detach");
     let c = &mut small.c;
     let mut client = c.client("alpha");
     client.write(0, &pattern(1, 1 << 20), false).unwrap();
-    // Fill the filesystem.
-    let mut failed = None;
-    for i in 1..16u64 {
-        if let Err(e) = client.write(i * 4 * MIB, &pattern(i, 4 << 20), false) {
-            failed = Some(e);
-            break;
-        }
-    }
+    let failed = fill_until_error(&mut client);
     assert_eq!(
         failed,
         Some(ErrorCode::NoSpace),
@@ -84,13 +82,7 @@ fn pass_on_returns_the_error_and_keeps_the_disk() {
     let c = &mut small.c;
     let mut client = c.client("alpha");
     client.write(0, &pattern(1, 1 << 20), false).unwrap();
-    let mut failed = None;
-    for i in 1..16u64 {
-        if let Err(e) = client.write(i * 4 * MIB, &pattern(i, 4 << 20), false) {
-            failed = Some(e);
-            break;
-        }
-    }
+    let failed = fill_until_error(&mut client);
     assert_eq!(failed, Some(ErrorCode::NoSpace));
     assert_eq!(c.status("alpha")["disk"], "UpToDate");
     // What was written before is still served, and space freed by a

@@ -286,17 +286,23 @@ fn wait_fence_call(c: &Cluster, n: usize) -> String {
     })
 }
 
-/// Wait until `node`'s log shows the handler's exit (the daemon then
-/// applies it at once; a short pause covers that).
+/// Wait until `node`'s core has acted on the handler's `n`th exit: it logs
+/// the outcome ("fence-peer confirmed", "fence-peer says ...", "fence-peer
+/// did not confirm") while it applies it, so status read afterwards shows
+/// the result.
 fn wait_handler_exit(c: &Cluster, node: &str, n: usize) {
-    wait_for("the fence-peer handler to exit", T, || {
-        (c.log(node)
-            .matches("the fence-peer handler exited with")
-            .count()
-            >= n)
-            .then_some(())
+    wait_for("the core to act on the fence-peer exit", T, || {
+        let log = c.log(node);
+        let outcomes = [
+            "fence-peer confirmed (",
+            "fence-peer says ",
+            "fence-peer did not confirm (",
+        ]
+        .iter()
+        .map(|m| log.matches(m).count())
+        .sum::<usize>();
+        (outcomes >= n).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(300));
 }
 
 /// What the code does with each exit code (`fence_outcome`); see the

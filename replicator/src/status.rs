@@ -95,6 +95,20 @@ pub struct EngineStatus {
     pub dsync_writes: u64,
 }
 
+impl EngineStatus {
+    /// The engine of a node without real storage (tests, simulation):
+    /// `kind`, zero counters.
+    pub fn idle(kind: &str) -> Self {
+        EngineStatus {
+            kind: kind.into(),
+            direct_io: false,
+            fua: "rwf_dsync".into(),
+            fdatasyncs: 0,
+            dsync_writes: 0,
+        }
+    }
+}
+
 /// `2026-11-22T04:25:03.982Z`: an RFC 3339 UTC timestamp with milliseconds.
 pub fn rfc3339_utc(t: std::time::SystemTime) -> String {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();

@@ -16,6 +16,17 @@ fn ok(c: &SimCluster, id: u64) -> String {
     }
 }
 
+/// Beta is UpToDate and both data areas are identical.
+fn assert_beta_synced(c: &SimCluster, seed: u64) {
+    assert_eq!(
+        c.core(1).disk(),
+        DiskState::UpToDate,
+        "seed {seed}: {:#?}",
+        c.trace
+    );
+    assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
+}
+
 fn io_ok(c: &SimCluster, t: u64) {
     match c.answer(t) {
         Some(Answer::Io(Ok(_))) => {}
@@ -82,13 +93,7 @@ fn forcing_primary_on_a_connected_fresh_pair_starts_the_full_sync() {
         let p = c.command(0, Command::Primary { force: true });
         c.settle();
         ok(&c, p);
-        assert_eq!(
-            c.core(1).disk(),
-            DiskState::UpToDate,
-            "seed {seed}: {:#?}",
-            c.trace
-        );
-        assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
+        assert_beta_synced(&c, seed);
     }
 }
 
@@ -207,13 +212,7 @@ fn interrupted_resync_resumes_and_completes() {
         c.settle();
         c.heal();
         c.settle();
-        assert_eq!(
-            c.core(1).disk(),
-            DiskState::UpToDate,
-            "seed {seed}: {:#?}",
-            c.trace
-        );
-        assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
+        assert_beta_synced(&c, seed);
     }
 }
 
@@ -379,7 +378,11 @@ fn a_crashed_primary_resyncs_only_its_activity_log_regions() {
         let t = c.write(1, 9 * EXTENT, &[4; 4096], true);
         c.settle();
         io_ok(&c, t);
-        let sent_before = c.core(1).status(test_engine()).counters.resync_sent_bytes;
+        let sent_before = c
+            .core(1)
+            .status(tandem_replicator::status::EngineStatus::idle("sim"))
+            .counters
+            .resync_sent_bytes;
         c.start(0);
         // The restarted node marked exactly its log's extents.
         assert_eq!(c.core(0).bitmap().count(), 2 * EXTENT / 4096, "seed {seed}");
@@ -392,7 +395,12 @@ fn a_crashed_primary_resyncs_only_its_activity_log_regions() {
         );
         assert_eq!(c.core(0).role(), Role::Secondary);
         assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
-        let sent = c.core(1).status(test_engine()).counters.resync_sent_bytes - sent_before;
+        let sent = c
+            .core(1)
+            .status(tandem_replicator::status::EngineStatus::idle("sim"))
+            .counters
+            .resync_sent_bytes
+            - sent_before;
         assert!(
             sent <= 2 * EXTENT + 4096,
             "seed {seed}: sent {sent}, more than the log's regions"
@@ -437,16 +445,6 @@ fn activity_log_eviction_keeps_crashes_safe() {
     }
 }
 
-fn test_engine() -> tandem_replicator::status::EngineStatus {
-    tandem_replicator::status::EngineStatus {
-        kind: "sim".into(),
-        direct_io: false,
-        fua: "rwf_dsync".into(),
-        fdatasyncs: 0,
-        dsync_writes: 0,
-    }
-}
-
 /// A synced pair with `fencing`.
 fn fenced_pair(seed: u64, fencing: Fencing) -> SimCluster {
     let mut c = SimCluster::new(seed, SIZE, fencing);
@@ -470,7 +468,12 @@ fn resource_and_stonith_suspends_until_the_peer_is_fenced() {
         let later = c.write(0, 8192, &[8; 4096], false);
         // Everything but the handler settles: nothing is answered yet.
         while c.step_except_handlers() {}
-        assert!(c.core(0).status(test_engine()).io_suspended, "seed {seed}");
+        assert!(
+            c.core(0)
+                .status(tandem_replicator::status::EngineStatus::idle("sim"))
+                .io_suspended,
+            "seed {seed}"
+        );
         if c.answer(later).is_some() {
             panic!("seed {seed}: answered while suspended");
         }
@@ -478,7 +481,12 @@ fn resource_and_stonith_suspends_until_the_peer_is_fenced() {
         if c.running(1) {
             stuck += 1;
             // Not confirmed: still suspended, nothing answered.
-            assert!(c.core(0).status(test_engine()).io_suspended, "seed {seed}");
+            assert!(
+                c.core(0)
+                    .status(tandem_replicator::status::EngineStatus::idle("sim"))
+                    .io_suspended,
+                "seed {seed}"
+            );
             assert!(c.answer(later).is_none(), "seed {seed}");
             // The operator powers beta off and confirms.
             c.crash(1);
@@ -488,7 +496,12 @@ fn resource_and_stonith_suspends_until_the_peer_is_fenced() {
         } else {
             fenced += 1;
         }
-        assert!(!c.core(0).status(test_engine()).io_suspended, "seed {seed}");
+        assert!(
+            !c.core(0)
+                .status(tandem_replicator::status::EngineStatus::idle("sim"))
+                .io_suspended,
+            "seed {seed}"
+        );
         io_ok(&c, later);
         if let Some(Answer::Io(r)) = c.answer(w) {
             assert!(r.is_ok());

@@ -191,7 +191,9 @@ fn check(c: &SimCluster, m: &mut Model, fencing: Fencing) -> Result<(), String> 
         for i in 0..2 {
             if !c.running(i)
                 || c.core(i).role() != Role::Primary
-                || c.core(i).status(engine()).io_suspended
+                || c.core(i)
+                    .status(tandem_replicator::status::EngineStatus::idle("sim"))
+                    .io_suspended
             {
                 continue;
             }
@@ -444,7 +446,9 @@ fn heal_all(c: &mut SimCluster, m: &mut Model, fencing: Fencing) -> Result<(), S
         // fencing by hand (a lie here, since the peer runs: rules broken).
         for i in 0..2 {
             if c.core(i).role() == Role::Primary
-                && c.core(i).status(engine()).io_suspended
+                && c.core(i)
+                    .status(tandem_replicator::status::EngineStatus::idle("sim"))
+                    .io_suspended
                 && c.core(i).connection() != ConnState::Connected
             {
                 m.rules_broken = true;
@@ -498,16 +502,6 @@ fn heal_all(c: &mut SimCluster, m: &mut Model, fencing: Fencing) -> Result<(), S
     Err(format!(
         "the nodes did not end connected and in sync: {states:?}"
     ))
-}
-
-fn engine() -> tandem_replicator::status::EngineStatus {
-    tandem_replicator::status::EngineStatus {
-        kind: "sim".into(),
-        direct_io: false,
-        fua: "rwf_dsync".into(),
-        fdatasyncs: 0,
-        dsync_writes: 0,
-    }
 }
 
 fn env(name: &str) -> Option<u64> {

@@ -358,15 +358,12 @@ impl<T> Node<T> {
         let Some(write) = self.writes.get_mut(&w) else {
             return;
         };
-        write.peer = if ok { PeerPart::Acked } else { PeerPart::Lost };
-        let (s, e) = Bitmap::blocks_of(write.start, write.end - write.start);
         if !ok {
-            // Marked at once (durably only before the answer, below): the
-            // next handshake must see these blocks even while the write
-            // is still on the local disk or held by frozen I/O.
-            self.bitmap.set(s, e);
+            return self.lose_peer_half(w);
         }
-        if ok && let Some(link) = self.link.as_mut() {
+        write.peer = PeerPart::Acked;
+        let (s, e) = Bitmap::blocks_of(write.start, write.end - write.start);
+        if let Some(link) = self.link.as_mut() {
             link.tl.record(s, e);
             if link.tl.open_len() >= MAX_EPOCH_WRITES {
                 let id = link.req(PeerReq::Flush { f: None });
@@ -379,18 +376,28 @@ impl<T> Node<T> {
 
     /// The link is gone: a pending peer half is lost.
     pub(super) fn peer_write_lost(&mut self, w: u64) {
-        if let Some(write) = self.writes.get_mut(&w)
-            && matches!(write.peer, PeerPart::Pending(_))
+        if self
+            .writes
+            .get(&w)
+            .is_some_and(|write| matches!(write.peer, PeerPart::Pending(_)))
         {
-            write.peer = PeerPart::Lost;
-            // Marked at once, in memory: a handshake on the next link (the
-            // write may still be on the local disk, or held by frozen I/O)
-            // must count these blocks as out of sync. Durable before the
-            // answer (maybe_complete).
-            let (s, e) = Bitmap::blocks_of(write.start, write.end - write.start);
-            self.bitmap.set(s, e);
-            self.maybe_complete(w);
+            self.lose_peer_half(w);
         }
+    }
+
+    /// The peer may not have write `w`: its blocks are marked at once, in
+    /// memory, so a handshake on the next link counts them even while the
+    /// write is still on the local disk or held by frozen I/O; they are
+    /// durable before the answer (maybe_complete). The write holds its
+    /// range, so no resync clears the marks meanwhile.
+    fn lose_peer_half(&mut self, w: u64) {
+        let Some(write) = self.writes.get_mut(&w) else {
+            return;
+        };
+        write.peer = PeerPart::Lost;
+        let (s, e) = Bitmap::blocks_of(write.start, write.end - write.start);
+        self.bitmap.set(s, e);
+        self.maybe_complete(w);
     }
 
     pub(super) fn maybe_complete(&mut self, w: u64) {
@@ -409,11 +416,10 @@ impl<T> Node<T> {
             return;
         }
         if write.peer == PeerPart::Lost {
-            // The peer may not have it: mark the blocks, durably, before
-            // the client hears it succeeded.
+            // The peer may not have it: its marks (lose_peer_half) are
+            // durable before the client hears it succeeded.
             write.stage = Stage::Finishing;
             let (s, e) = Bitmap::blocks_of(write.start, write.end - write.start);
-            self.bitmap.set(s, e);
             let need = self.pages_need(s, e);
             self.wait(need, Deferred::FinishWrite { w });
             return;

@@ -516,19 +516,10 @@ pub(super) fn disk_code(d: DiskState) -> u8 {
 }
 
 pub(super) fn disk_from_code(c: u8) -> DiskState {
-    use DiskState::*;
-    [
-        Diskless,
-        Failed,
-        Inconsistent,
-        Outdated,
-        DUnknown,
-        Consistent,
-        UpToDate,
-    ]
-    .get(c as usize)
-    .copied()
-    .unwrap_or(DUnknown)
+    DiskState::ALL
+        .get(c as usize)
+        .copied()
+        .unwrap_or(DiskState::DUnknown)
 }
 
 impl<T> Node<T> {

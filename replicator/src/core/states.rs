@@ -27,6 +27,19 @@ pub enum DiskState {
     UpToDate,
 }
 
+impl DiskState {
+    /// Every state, in the enum's order (`ALL[d as usize] == d`).
+    pub const ALL: [DiskState; 7] = [
+        DiskState::Diskless,
+        DiskState::Failed,
+        DiskState::Inconsistent,
+        DiskState::Outdated,
+        DiskState::DUnknown,
+        DiskState::Consistent,
+        DiskState::UpToDate,
+    ];
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConnState {
     StandAlone,
@@ -56,3 +69,16 @@ macro_rules! display_as_debug {
     )*};
 }
 display_as_debug!(Role, DiskState, ConnState, ReplState);
+
+#[cfg(test)]
+mod tests {
+    use super::DiskState;
+
+    #[test]
+    fn all_lists_every_disk_state_at_its_code() {
+        for (i, d) in DiskState::ALL.iter().enumerate() {
+            assert_eq!(*d as usize, i);
+        }
+        assert_eq!(DiskState::ALL.len(), DiskState::UpToDate as usize + 1);
+    }
+}

@@ -357,7 +357,12 @@ fn client_io_is_bounds_checked_and_answered_once() {
             result: Ok(None)
         }]
     ));
-    assert_eq!(n.status(test_engine()).counters.disk_written_bytes, 3);
+    assert_eq!(
+        n.status(EngineStatus::idle("test"))
+            .counters
+            .disk_written_bytes,
+        3
+    );
 }
 
 #[test]
@@ -419,16 +424,6 @@ fn clean_stop_demotes_and_records_it() {
             result: Err(ErrorCode::Shutdown)
         }]
     ));
-}
-
-fn test_engine() -> EngineStatus {
-    EngineStatus {
-        kind: "test".into(),
-        direct_io: false,
-        fua: "rwf_dsync".into(),
-        fdatasyncs: 0,
-        dsync_writes: 0,
-    }
 }
 
 fn new_node(params: NodeParams, sb: Superblock) -> Node<u32> {

@@ -434,8 +434,24 @@ impl SimCluster {
     }
 
     /// One random step: complete an I/O, deliver a message, or finish a
-    /// handler. False when nothing is left to do.
+    /// handler; with none of those left, bring the link up if it can come
+    /// up. False when nothing is left to do.
     pub fn step(&mut self) -> bool {
+        match self.random_step(true) {
+            Some(progress) => progress,
+            None => self.try_connect(),
+        }
+    }
+
+    /// Like [`step`](Self::step), but never finishes a handler (nor brings
+    /// the link up).
+    pub fn step_except_handlers(&mut self) -> bool {
+        self.random_step(false).unwrap_or(false)
+    }
+
+    /// Pick one pending I/O, message or (with `handlers`) handler at
+    /// random and carry it out; `None` when there is none.
+    fn random_step(&mut self, handlers: bool) -> Option<bool> {
         let mut choices = Vec::new();
         for i in 0..2 {
             if !self.nodes[i].pending.is_empty() {
@@ -444,38 +460,20 @@ impl SimCluster {
             if self.link && !self.wire[i].is_empty() {
                 choices.push(2 + i);
             }
-            if !self.nodes[i].handlers.is_empty() {
+            if handlers && !self.nodes[i].handlers.is_empty() {
                 choices.push(4 + i);
             }
         }
         if choices.is_empty() {
-            return self.try_connect();
+            return None;
         }
-        match choices[(self.rng.next_u64() % choices.len() as u64) as usize] {
-            c @ 0..=1 => self.complete_one(c),
-            c @ 2..=3 => self.deliver_one(c - 2),
-            c => self.finish_handler(c - 4),
-        }
-    }
-
-    /// Like [`step`](Self::step), but never finishes a handler.
-    pub fn step_except_handlers(&mut self) -> bool {
-        let mut choices = Vec::new();
-        for i in 0..2 {
-            if !self.nodes[i].pending.is_empty() {
-                choices.push(i);
-            }
-            if self.link && !self.wire[i].is_empty() {
-                choices.push(2 + i);
-            }
-        }
-        if choices.is_empty() {
-            return false;
-        }
-        match choices[(self.rng.next_u64() % choices.len() as u64) as usize] {
-            c @ 0..=1 => self.complete_one(c),
-            c => self.deliver_one(c - 2),
-        }
+        Some(
+            match choices[(self.rng.next_u64() % choices.len() as u64) as usize] {
+                c @ 0..=1 => self.complete_one(c),
+                c @ 2..=3 => self.deliver_one(c - 2),
+                c => self.finish_handler(c - 4),
+            },
+        )
     }
 
     /// Step until nothing is left to do (bounded).

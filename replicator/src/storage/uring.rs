@@ -375,28 +375,9 @@ impl UringEngine {
     fn run_inline(&self, op: Op, done: Completion) {
         let shared = &self.shared;
         shared.threads.within(|| {
-            let mut plan = Plan::new(op, Geometry::of(&self.backing));
-            let mut last = None;
-            let result = loop {
-                match plan.step(last, &shared.counters) {
-                    // SAFETY: `prim` came from `plan`, which is alive and is
-                    // not stepped until the syscall returns.
-                    Step::Issue(prim) => {
-                        last = Some(unsafe { execute_blocking(self.backing.as_fd(), &prim) })
-                    }
-                    Step::Finished(result) => break result,
-                }
-            };
-            complete(done, result);
+            let plan = Plan::new(op, Geometry::of(&self.backing));
+            finish_blocking(shared, &self.backing, plan, None, done);
         });
-        let shutting_down = {
-            let mut queue = shared.lock();
-            queue.syncs -= 1;
-            queue.shutting_down
-        };
-        if shutting_down {
-            shared.wake();
-        }
     }
 }
 
@@ -729,7 +710,7 @@ fn sync_thread(shared: &Shared, backing: &Backing) {
                     .unwrap_or_else(|p| p.into_inner());
             }
         };
-        let (mut plan, done, mut last) = match job {
+        let (plan, done, last) = match job {
             None => return,
             Some(SyncJob::Op(op, done)) => (Plan::new(op, geometry), done, None),
             // Its pending primitive is an fdatasync: do it, then step on.
@@ -739,25 +720,36 @@ fn sync_thread(shared: &Shared, backing: &Backing) {
                 (plan, done, Some(synced))
             }
         };
-        let result = loop {
-            match plan.step(last, &shared.counters) {
-                // SAFETY: `prim` came from `plan`, which is alive and is not
-                // stepped until the syscall returns.
-                Step::Issue(prim) => {
-                    last = Some(unsafe { execute_blocking(backing.as_fd(), &prim) })
-                }
-                Step::Finished(result) => break result,
-            }
-        };
-        complete(done, result);
-        let shutting_down = {
-            let mut queue = shared.lock();
-            queue.syncs -= 1;
-            queue.shutting_down
-        };
-        if shutting_down {
-            shared.wake();
+        finish_blocking(shared, backing, plan, last, done);
+    }
+}
+
+/// Step `plan` to its end with blocking syscalls (`last`: the result of
+/// its pending primitive, if already issued), complete it, and give back
+/// its `Queue::syncs` slot, waking a ring thread that waits to shut down.
+fn finish_blocking(
+    shared: &Shared,
+    backing: &Backing,
+    mut plan: Plan,
+    mut last: Option<Result<usize, Errno>>,
+    done: Completion,
+) {
+    let result = loop {
+        match plan.step(last, &shared.counters) {
+            // SAFETY: `prim` came from `plan`, which is alive and is not
+            // stepped until the syscall returns.
+            Step::Issue(prim) => last = Some(unsafe { execute_blocking(backing.as_fd(), &prim) }),
+            Step::Finished(result) => break result,
         }
+    };
+    complete(done, result);
+    let shutting_down = {
+        let mut queue = shared.lock();
+        queue.syncs -= 1;
+        queue.shutting_down
+    };
+    if shutting_down {
+        shared.wake();
     }
 }
 
