@@ -316,8 +316,9 @@ enum Expect {
 
 fn expect(code: i32) -> Expect {
     match code {
-        // 5 counts only because the disk is UpToDate in these drills.
-        3 | 4 | 5 | 7 => Expect::Confirmed,
+        // CONTRACT section 6: only "outdated" and "fenced" confirm; 3 (peer
+        // Inconsistent) and 5 (unreachable) do not, unlike DRBD.
+        4 | 7 => Expect::Confirmed,
         6 => Expect::OutdateMyself,
         _ => Expect::NotConfirmed,
     }
@@ -458,13 +459,14 @@ fn promote_drill(mode: &str, code: i32) {
 
 /// A Secondary restarted while its Primary is gone has Consistent, not
 /// UpToDate, data (it cannot know whether the Primary wrote on): `primary`
-/// is refused (today without asking the handler, which would not confirm
-/// on exit 5 for a Consistent disk either), and `fence-confirm` (the
-/// operator powered the peer off and knows this copy is the one to keep)
-/// makes it UpToDate and promotable.
+/// is refused without asking the handler (whose confirmation would prove
+/// only that the peer cannot write now, not that this copy has its last
+/// writes; docs/decisions.md), and `fence-confirm` (the operator powered
+/// the peer off and knows this copy is the one to keep) makes it UpToDate
+/// and promotable.
 #[test]
 fn a_restarted_secondary_is_promoted_only_after_fence_confirm() {
-    let mut c = fenced_pair("resource-only", 5);
+    let mut c = fenced_pair("resource-only", 4);
     release_handler(&c);
     c.kill("alpha");
     c.kill("beta");
@@ -473,6 +475,7 @@ fn a_restarted_secondary_is_promoted_only_after_fence_confirm() {
     let out = c.repctl("beta", &["primary"]);
     assert_eq!(out.code, 3, "a Consistent disk was promoted: {out:?}");
     assert!(out.stderr.starts_with("refused:"), "{out:?}");
+    assert!(fence_calls(&c).is_empty(), "{:?}", fence_calls(&c));
     assert_eq!(c.field("beta", &["role"]), "Secondary");
     c.repctl("beta", &["fence-confirm"]).ok();
     assert_eq!(c.field("beta", &["disk"]), "UpToDate");
@@ -509,7 +512,8 @@ fencing_drills! {
     promote_disconnected_exit_5: promote_drill("resource-only", 5);
     promote_disconnected_exit_6: promote_drill("resource-only", 6);
     promote_disconnected_exit_7: promote_drill("resource-and-stonith", 7);
-    promote_disconnected_exit_1: promote_drill("resource-and-stonith", 1);
+        promote_disconnected_exit_1: promote_drill("resource-and-stonith", 1);
+
 }
 
 // ----- 4. Primary crash under load ---------------------------------------

@@ -569,3 +569,42 @@ fn a_rebooted_isolated_secondary_cannot_promote_itself() {
     c.settle();
     ok(&c, p);
 }
+
+/// A Secondary that learned from the handshake that the peer has newer
+/// data is Outdated at once (durability.md, invariant 23): when the link
+/// and then both nodes go before the resync starts, the stale copy is not
+/// promotable after a restart, even with fencing off (`dont-care` makes a
+/// Consistent disk UpToDate at start). Only `--force` takes it.
+#[test]
+fn a_secondary_that_learned_it_is_behind_stays_outdated_until_resynced() {
+    for seed in 0..20 {
+        let mut c = fenced_pair(seed, Fencing::DontCare);
+        c.partition();
+        c.settle();
+        let w = c.write(0, 0, &[7; 4096], false);
+        let f = c.client(0, ClientOp::Flush);
+        c.settle();
+        assert!(matches!(c.answer(w), Some(Answer::Io(Ok(_)))), "{seed}");
+        assert!(matches!(c.answer(f), Some(Answer::Io(Ok(_)))), "{seed}");
+        c.heal();
+        let mut n = 0;
+        while c.core(1).replication() != ReplState::SyncTarget {
+            assert!(c.step(), "seed {seed}: beta never became sync target");
+            n += 1;
+            assert!(n < 100_000);
+        }
+        // Beta knows now; the link goes before the resync ran.
+        c.partition();
+        c.settle();
+        c.crash(0);
+        c.crash(1);
+        c.start(1);
+        assert_eq!(c.core(1).disk(), DiskState::Outdated, "seed {seed}");
+        let p = c.command(1, Command::Primary { force: false });
+        c.settle();
+        match c.answer(p) {
+            Some(Answer::Command(Err(e))) => assert!(e.refused, "seed {seed}: {e:?}"),
+            other => panic!("seed {seed}: stale copy promoted: {other:?}"),
+        }
+    }
+}

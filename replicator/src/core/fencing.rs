@@ -14,10 +14,17 @@
 //! - the generation rotation for losing the peer waits for the resume
 //!   (DRBD's `NEW_CUR_UUID`).
 //!
-//! Handler exit codes: 3 peer Inconsistent, 4 peer outdated, 5 peer
-//! unreachable (accepted only if this disk is UpToDate), 6 peer is Primary
-//! (this node outdates itself), 7 peer fenced; anything else: not
-//! confirmed.
+//! Handler exit codes (CONTRACT section 6): 4 peer outdated and 7 peer
+//! fenced confirm; 6 peer is Primary (this node outdates itself); 3 peer
+//! Inconsistent and 5 peer unreachable are logged with their meaning but do
+//! not confirm (DRBD accepts them; the contract does not, see
+//! docs/decisions.md); anything else: not confirmed.
+//!
+//! A Consistent disk (a Secondary restarted while its peer was away: it
+//! cannot know whether the peer wrote on) is refused without asking the
+//! handler, unlike DRBD's `drbd_set_role`: a confirmation says the peer
+//! cannot write now, not that this copy holds the peer's last writes. The
+//! operator decides with `fence-confirm` (docs/decisions.md).
 
 use tracing::{error, info, warn};
 
@@ -45,21 +52,33 @@ pub(super) enum FenceFor {
 /// What a fence-peer exit code means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FenceOutcome {
-    /// The peer cannot write (outdated, fenced, inconsistent, or
-    /// unreachable while our data is good).
+    /// The peer cannot write: outdated (exit 4) or fenced (exit 7).
     Confirmed,
     /// The peer is Primary: this node must not be.
     OutdateMyself,
     NotConfirmed,
 }
 
-/// DRBD's exit-code table.
-pub fn fence_outcome(code: Option<i32>, my_disk: DiskState) -> FenceOutcome {
+/// The contract's exit-code table. Safety rule 2: only a handler that
+/// says the peer is outdated (4) or fenced (7) confirms; "Inconsistent"
+/// (3) and "unreachable" (5) describe a peer that may still be running
+/// and reachable by clients, so they do not (DRBD treats both as
+/// confirmation; docs/decisions.md).
+pub fn fence_outcome(code: Option<i32>) -> FenceOutcome {
     match code {
-        Some(3 | 4 | 7) => FenceOutcome::Confirmed,
-        Some(5) if my_disk == DiskState::UpToDate => FenceOutcome::Confirmed,
+        Some(4 | 7) => FenceOutcome::Confirmed,
         Some(6) => FenceOutcome::OutdateMyself,
         _ => FenceOutcome::NotConfirmed,
+    }
+}
+
+/// What a fence-peer exit code says, for logs and refusals.
+fn exit_meaning(code: Option<i32>) -> String {
+    match code {
+        Some(3) => "exit 3: the handler reports the peer Inconsistent, which Tandem does not accept as proof it cannot write".into(),
+        Some(5) => "exit 5: the handler could not reach the peer, which does not prove it is down".into(),
+        Some(c) => format!("exit {c}"),
+        None => "it could not run (is `fence-peer` configured?)".into(),
     }
 }
 
@@ -125,7 +144,7 @@ impl<T> Node<T> {
             return; // the split-brain handler: alerting only
         };
         let (_, why) = self.fencing.remove(i);
-        let outcome = fence_outcome(code, self.disk);
+        let outcome = fence_outcome(code);
         match outcome {
             FenceOutcome::Confirmed => {
                 info!("fence-peer confirmed (exit {code:?}): the peer cannot write");
@@ -141,10 +160,7 @@ impl<T> Node<T> {
                 }
             }
             FenceOutcome::NotConfirmed => {
-                let what = match code {
-                    Some(c) => format!("exit {c}"),
-                    None => "it could not run (is `fence-peer` configured?)".into(),
-                };
+                let what = exit_meaning(code);
                 match why {
                     FenceFor::LostPeer if self.io_suspended => error!(
                         "fence-peer did not confirm ({what}): I/O stays suspended; once the peer is powered off, run `repctl fence-confirm`"
@@ -253,21 +269,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn drbd_exit_codes() {
+    fn contract_exit_codes() {
         use FenceOutcome::*;
-        let up = DiskState::UpToDate;
-        for (code, want) in [
-            (3, Confirmed),
-            (4, Confirmed),
-            (7, Confirmed),
-            (6, OutdateMyself),
-            (1, NotConfirmed),
-            (0, NotConfirmed),
-        ] {
-            assert_eq!(fence_outcome(Some(code), up), want, "exit {code}");
+        for code in -1..=255 {
+            let want = match code {
+                4 | 7 => Confirmed,
+                6 => OutdateMyself,
+                _ => NotConfirmed,
+            };
+            assert_eq!(fence_outcome(Some(code)), want, "exit {code}");
         }
-        assert_eq!(fence_outcome(Some(5), up), Confirmed);
-        assert_eq!(fence_outcome(Some(5), DiskState::Consistent), NotConfirmed);
-        assert_eq!(fence_outcome(None, up), NotConfirmed);
+        assert_eq!(fence_outcome(None), NotConfirmed);
+        assert!(exit_meaning(Some(3)).contains("Inconsistent"));
+        assert!(exit_meaning(Some(5)).contains("could not reach"));
     }
 }

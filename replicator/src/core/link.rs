@@ -508,6 +508,21 @@ impl<T> Node<T> {
             }
             Decision::Sync { direction, full } => {
                 self.discard_my_data = false;
+                // A Secondary that learns the peer has data it lacks is
+                // Outdated from this moment, durably: if the link goes
+                // before the resync makes it Inconsistent, neither a
+                // restart (Consistent) nor `fence-confirm` may make this
+                // stale copy UpToDate and promotable (docs/durability.md,
+                // invariant 23).
+                if direction == Direction::Target
+                    && self.role == Role::Secondary
+                    && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
+                {
+                    info!("the peer has newer data: this disk is Outdated until the resync");
+                    self.md.flags.set(MdFlags::WAS_UP_TO_DATE, false);
+                    self.set_disk(DiskState::Outdated);
+                    self.persist();
+                }
 
                 if full {
                     self.bitmap.set_all();
