@@ -608,3 +608,71 @@ fn a_secondary_that_learned_it_is_behind_stays_outdated_until_resynced() {
         }
     }
 }
+
+/// Two disks that share no generation are refused (neither side is
+/// touched), and the refusal names the way out that works: fresh metadata
+/// (`create-md --force`) on the node whose data is replaced, then a full
+/// resync from the other.
+#[test]
+fn unrelated_data_is_refused_and_fresh_metadata_resolves_it() {
+    use tandem_replicator::metadata::Generations;
+    use tandem_replicator::sim::load;
+    let mut c = fenced_pair(2, Fencing::DontCare);
+    let w = c.write(0, 0, &[3; 4096], false);
+    c.settle();
+    assert!(matches!(c.answer(w), Some(Answer::Io(Ok(_)))));
+    c.partition();
+    c.settle();
+    let w = c.write(0, 4096, &[5; 4096], false);
+    c.settle();
+    assert!(matches!(c.answer(w), Some(Answer::Io(Ok(_)))));
+    let f = c.client(0, ClientOp::Flush);
+    c.settle();
+    assert!(matches!(c.answer(f), Some(Answer::Io(Ok(_)))));
+    let s = c.command(0, Command::Secondary);
+    c.settle();
+    ok(&c, s);
+    // Give each disk generations the other has never seen.
+    for (i, base) in [(0usize, 0x1000u64), (1, 0x2000)] {
+        c.crash(i);
+        let (mut sb, _, _) = load(&c.nodes[i].disk);
+        sb.generations = Generations {
+            current: base,
+            bitmap: base + 0x10,
+            history: [base + 0x20, base + 0x30],
+        };
+        for _ in 0..2 {
+            sb.sequence += 1;
+            let off = sb.layout.superblock_offset(sb.sequence % 2);
+            c.nodes[i].disk.poke(off, &sb.encode());
+        }
+        c.start(i);
+    }
+    let before = [c.data(0).to_vec(), c.data(1).to_vec()];
+    c.heal();
+    c.settle();
+    for i in 0..2 {
+        let st = c
+            .core(i)
+            .status(tandem_replicator::status::EngineStatus::idle("sim"));
+        assert_ne!(st.connection, ConnState::Connected);
+        let e = st.last_error.expect("a reason");
+        assert!(
+            e.contains("unrelated data") && e.contains("create-md --force"),
+            "{e}"
+        );
+        assert_eq!(c.data(i), &before[i][..], "node {i} touched");
+    }
+    c.recreate_md(1);
+    let k = c.command(
+        0,
+        Command::Connect {
+            discard_my_data: false,
+        },
+    );
+    c.settle();
+    ok(&c, k);
+    assert_eq!(c.core(1).disk(), DiskState::UpToDate);
+    assert_eq!(c.core(1).replication(), ReplState::Established);
+    assert_eq!(c.data(0), c.data(1));
+}

@@ -473,6 +473,24 @@ fn heal_all(c: &mut SimCluster, m: &mut Model, fencing: Fencing) -> Result<(), S
                 },
             );
         }
+        // Generations can drift apart until they share none (repeated
+        // interrupted resyncs and promotions push the common ancestor out
+        // of the two history slots, as in DRBD): the operator replaces
+        // beta's data as the refusal says.
+        if round > 1
+            && (0..2).any(|i| {
+                c.running(i)
+                    && c.core(i)
+                        .status(tandem_replicator::status::EngineStatus::idle("sim"))
+                        .last_error
+                        .is_some_and(|e| e.contains("unrelated data"))
+            })
+        {
+            m.rules_broken = true;
+            m.discarded = true;
+            m.alone[1].clear();
+            c.recreate_md(1);
+        }
         // A Primary that must become sync target is demoted first.
         if round > 3
             && let Some(p) = primary(c)

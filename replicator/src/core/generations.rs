@@ -292,8 +292,9 @@ pub fn resolve(c: &Comparison, d: &Disks) -> Decision {
     let mut outcome = c.outcome;
     if outcome == Unrelated {
         return Decision::Refuse(
-            "unrelated data: the two disks share no generation (were they created for this resource? \
-             `repctl invalidate` on the node whose data is to be replaced)"
+                        "unrelated data: the two disks share no generation (were they created for this resource?). \
+             To replace one node's data with the other's: on that node `repctl down`, \
+             `repctl create-md --force`, start repd again, and `repctl connect` on the other node (full resync)"
                 .into(),
         );
     }

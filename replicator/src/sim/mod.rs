@@ -175,6 +175,18 @@ impl SimCluster {
         self.drain(i);
     }
 
+    /// The operator replaces node `i`'s data: it stops, gets fresh metadata
+    /// (`repctl create-md --force`) and starts again, so the next handshake
+    /// makes it a full sync target.
+    pub fn recreate_md(&mut self, i: usize) {
+        if self.running(i) {
+            self.crash(i);
+        }
+        self.log(format!("create-md --force on {}", NAMES[i]));
+        format(&mut self.nodes[i].disk, NAMES[i]);
+        self.start(i);
+    }
+
     /// Power loss of node `i`: its core and in-flight I/O vanish, its disk
     /// keeps what a real disk might.
     pub fn crash(&mut self, i: usize) {
