@@ -224,12 +224,25 @@ async fn accept_error(e: &io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-/// A unix socket path left behind by a previous run is removed; any other
-/// kind of file there is an error, never deleted.
+/// A unix socket path left behind by a previous run is removed; a socket
+/// some live server still accepts on (another repd with a clashing `nbd`
+/// path) is an error, never taken over; any other kind of file there is an
+/// error, never deleted.
 fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "another server is accepting connections on {}; refusing to take it over",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)
+        }
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!(

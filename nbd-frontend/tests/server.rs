@@ -375,6 +375,21 @@ async fn unix_socket_files_on_start_and_failed_start() {
     server.shutdown().await;
     assert!(!sock.exists());
 
+    // A socket a live server accepts on is never taken over: the first
+    // server keeps serving.
+    let first = NbdServer::start(export.clone(), &[unix(&sock)], ServerLimits::default())
+        .await
+        .expect("first server");
+    let err = NbdServer::start(export.clone(), &[unix(&sock)], ServerLimits::default())
+        .await
+        .err()
+        .expect("second server refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    assert!(err.to_string().contains("another server"), "{err}");
+    check_serving(&BoundAddr::Unix(sock.clone()), 1).await;
+    first.shutdown().await;
+    assert!(!sock.exists());
+
     // Any other file is refused and left alone.
     let file = dir.path().join("data");
     std::fs::write(&file, b"keep me").unwrap();
