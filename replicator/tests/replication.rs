@@ -676,3 +676,28 @@ fn unrelated_data_is_refused_and_fresh_metadata_resolves_it() {
     assert_eq!(c.core(1).replication(), ReplState::Established);
     assert_eq!(c.data(0), c.data(1));
 }
+
+/// `primary --force` on UpToDate data changes nothing a plain `primary`
+/// would not (DRBD's `forced`): while connected it does not start a new
+/// generation, which the peer would never learn of (simulation seed 8520:
+/// the stale `current_unshared` flag later kept a Primary that lost its
+/// peer from rotating, and divergence was resynced over).
+#[test]
+fn a_forced_promotion_of_uptodate_data_while_connected_keeps_the_generation() {
+    let mut c = fenced_pair(4, Fencing::DontCare);
+    let s = c.command(0, Command::Secondary);
+    c.settle();
+    ok(&c, s);
+    let before = c.core(0).superblock().generations;
+    let p = c.command(0, Command::Primary { force: true });
+    c.settle();
+    ok(&c, p);
+    assert_eq!(c.core(0).role(), Role::Primary);
+    assert_eq!(c.core(0).superblock().generations, before);
+    // Losing the peer now starts a new generation as usual.
+    c.partition();
+    let w = c.write(0, 0, &[1; 4096], false);
+    c.settle();
+    assert!(matches!(c.answer(w), Some(Answer::Io(Ok(_)))));
+    assert_ne!(c.core(0).superblock().generations.current, before.current);
+}

@@ -868,7 +868,14 @@ impl<T> Node<T> {
     }
 
     pub(super) fn do_promote(&mut self, cmd: u64, force: bool, connected: bool) {
-        if force && self.disk != DiskState::UpToDate {
+        // As DRBD's `forced`: `--force` counts only where it overrides
+        // something, i.e. the data was not UpToDate. A forced rotation on
+        // an UpToDate sync source would leave `current_unshared` set after
+        // the target took that generation at the end of the resync, and
+        // the next loss of the peer would not rotate (simulation, seed
+        // 8520 of 20000: divergence resynced over).
+        let forced = force && self.disk != DiskState::UpToDate;
+        if forced {
             warn!(
                 "primary --force on {}: declaring {} data UpToDate; if the peer has newer data this causes split-brain",
                 self.p.node, self.disk
@@ -878,14 +885,14 @@ impl<T> Node<T> {
             self.set_disk(DiskState::UpToDate);
         }
         // The generation rotates when a disconnected node is promoted and
-        // its current generation may be one the peer holds too, or on
-        // --force. DRBD tests "bitmap generation unused" instead, but a
+        // its current generation may be one the peer holds too, or when
+        // --force declared data good that was not UpToDate. DRBD tests "bitmap generation unused" instead, but a
         // sync source sets its bitmap generation at resync start without
         // rotating, so a promotion after a link lost mid-resync would write
         // under the peer's own current generation and a later handshake
         // would resync over those writes (docs/durability.md). It is
         // durable before the role changes.
-        if force || (!connected && !self.md.flags.has(MdFlags::CURRENT_UNSHARED)) {
+        if forced || (!connected && !self.md.flags.has(MdFlags::CURRENT_UNSHARED)) {
             self.new_current_generation();
         }
         self.md.flags.set(MdFlags::PRIMARY_IND, true);
