@@ -30,6 +30,7 @@ mod ranges;
 mod resync;
 pub(crate) mod rng;
 pub mod states;
+pub mod zeros;
 #[cfg(test)]
 mod tests;
 

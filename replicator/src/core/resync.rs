@@ -19,6 +19,7 @@ use tandem_proto::peer::Message;
 
 use super::bitmap::Bitmap;
 use super::node::{Device, Node, Phase, Purpose, RangeOwner};
+use super::zeros;
 use crate::metadata::BLOCK_SIZE;
 use crate::storage::{Done, Op, StorageError};
 
@@ -111,16 +112,26 @@ impl<T> Node<T> {
             .is_some_and(|l| matches!(l.phase, Phase::SyncSource { .. }));
         match result {
             Ok(Done::Read(data)) if syncing => {
-                self.counters.resync_sent_bytes += data.len() as u64;
                 self.link
                     .as_mut()
                     .expect("syncing")
                     .resync_sent
                     .insert(start, owner);
-                self.send(Message::ResyncData {
-                    offset: start,
-                    data,
-                });
+                // A chunk that reads as zeros needs no data on the wire:
+                // the target writes zeros over the range (ResyncZero).
+                if zeros::is_zero(&data) {
+                    self.counters.resync_zero_sent_bytes += data.len() as u64;
+                    self.send(Message::ResyncZero {
+                        offset: start,
+                        len: data.len() as u32,
+                    });
+                } else {
+                    self.counters.resync_sent_bytes += data.len() as u64;
+                    self.send(Message::ResyncData {
+                        offset: start,
+                        data,
+                    });
+                }
             }
             Ok(_) => self.chunk_finished(owner, start, end),
             Err(e) => {
@@ -181,20 +192,27 @@ impl<T> Node<T> {
             .checked_add(len)
             .filter(|&e| e <= self.size())
             .ok_or("resync data past the end")?;
-        self.counters.resync_received_bytes += len;
         let op = match data {
-            Some(data) => Op::Write {
-                offset,
-                data,
-                fua: false,
-            },
-            None => Op::WriteZeroes {
-                offset,
-                len,
-                may_unmap: true,
-                fast_only: false,
-                fua: false,
-            },
+            Some(data) => {
+                self.counters.resync_received_bytes += len;
+                Op::Write {
+                    offset,
+                    data,
+                    fua: false,
+                }
+            }
+            // Zeros must really be there afterwards, whatever the target
+            // held (WriteZeroes reads back as zeros; a hole is allowed).
+            None => {
+                self.counters.resync_zero_received_bytes += len;
+                Op::WriteZeroes {
+                    offset,
+                    len,
+                    may_unmap: true,
+                    fast_only: false,
+                    fua: false,
+                }
+            }
         };
         self.submit(
             Device::Data,

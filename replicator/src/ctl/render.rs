@@ -83,13 +83,15 @@ pub fn status(s: &Status) -> String {
     let c = &s.counters;
     let _ = writeln!(
         out,
-        "  disk read {} written {}, net sent {} received {}, resync sent {} received {}",
+        "  disk read {} written {}, net sent {} received {}, resync sent {} received {} (zero ranges sent {} received {})",
         size(c.disk_read_bytes),
         size(c.disk_written_bytes),
         size(c.net_sent_bytes),
         size(c.net_received_bytes),
         size(c.resync_sent_bytes),
-        size(c.resync_received_bytes)
+        size(c.resync_received_bytes),
+        size(c.resync_zero_sent_bytes),
+        size(c.resync_zero_received_bytes)
     );
     let e = &s.engine;
     let _ = writeln!(
