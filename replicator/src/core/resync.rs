@@ -59,13 +59,20 @@ impl<T> Node<T> {
             if rs.done_sent || rs.chunks >= MAX_CHUNKS || in_flight >= max_buffers {
                 return;
             }
+            // `[sync] rate`: a chunk starts only with credit (pace.rs).
+            if !self.pace.may_start() {
+                return;
+            }
             match self.bitmap.next_set(rs.cursor) {
                 Some(s) => {
-                    let e = self.bitmap.next_clear(s).min(s + CHUNK_BLOCKS);
+                    let limit =
+                        self.pace.chunk_limit(BLOCK_SIZE, CHUNK_BLOCKS * BLOCK_SIZE) / BLOCK_SIZE;
+                    let e = self.bitmap.next_clear(s).min(s + limit);
                     rs.cursor = e;
                     rs.chunks += 1;
                     let start = s * BLOCK_SIZE;
                     let end = (e * BLOCK_SIZE).min(self.md.layout.data_size);
+                    self.pace.take(end - start);
                     let owner = self.next_id();
                     self.range_owner
                         .insert(owner, RangeOwner::Resync { start, end });
