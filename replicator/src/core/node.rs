@@ -1085,13 +1085,20 @@ impl<T> Node<T> {
 
     // ----- status ---------------------------------------------------------
 
-    /// Resync progress in bytes: (done, total), while one runs.
+    /// Resync progress in bytes: (done, total), while one runs. Before
+    /// the copy starts (bitmap exchange) the total is what is marked so
+    /// far, and nothing is done.
     pub fn sync_progress(&self) -> Option<(u64, u64)> {
-        matches!(
-            self.replication(),
-            ReplState::SyncSource | ReplState::SyncTarget
-        )
-        .then(|| (self.sync_done * BLOCK_SIZE, self.sync_total * BLOCK_SIZE))
+        let phase = self.link.as_ref()?.phase;
+        match phase {
+            Phase::Bitmaps { .. } | Phase::Starting { .. } => {
+                Some((0, self.bitmap.count() * BLOCK_SIZE))
+            }
+            Phase::SyncSource { .. } | Phase::SyncTarget => {
+                Some((self.sync_done * BLOCK_SIZE, self.sync_total * BLOCK_SIZE))
+            }
+            Phase::AwaitState | Phase::Established => None,
+        }
     }
 
     pub fn status(&self, engine: EngineStatus) -> Status {
