@@ -3,15 +3,17 @@
 //! with a monotonic time in nanoseconds, and nothing here reads a clock.
 //!
 //! Pacing is a token bucket of bytes. Each tick adds `rate × elapsed`
-//! credit, capped at [`BURST_SECS_DIV`] of a second's worth, so an idle
-//! period never turns into a burst. The sync source starts a chunk only
-//! while the credit is not negative, and takes the chunk's whole length
-//! when it starts it (the credit may go below zero by up to one chunk:
-//! that debt is repaid before the next chunk starts). So over any window
-//! of `T` seconds the source starts at most `rate × T + burst + one chunk`
-//! bytes. The charge is the chunk's length whether it travels as data or
-//! as a zero range: the cap bounds the resync's progress, hence the disk
-//! reads on the source, the writes on the target and the wire.
+//! credit, capped at [`BURST`] (half a second) worth: enough to catch up
+//! after a short stall of a loaded machine, while an idle period never
+//! turns into more than half a second's burst. The sync source starts a
+//! chunk only while the credit is not negative, and takes the chunk's
+//! whole length when it starts it (the credit may go below zero by up to
+//! one chunk: that debt is repaid before the next chunk starts). So over
+//! any window of `T` seconds the source starts at most
+//! `rate × T + burst + one chunk` bytes. The charge is the chunk's length
+//! whether it travels as data or as a zero range: the cap bounds the
+//! resync's progress, hence the disk reads on the source, the writes on
+//! the target and the wire.
 
 use std::collections::VecDeque;
 
@@ -20,8 +22,11 @@ pub type Nanos = u64;
 
 pub const SECOND: Nanos = 1_000_000_000;
 
-/// The bucket holds at most 1/`BURST_SECS_DIV` of a second of credit.
-pub const BURST_SECS_DIV: u64 = 10;
+/// The bucket holds at most this long of credit.
+pub const BURST: Nanos = SECOND / 2;
+/// Under a slow cap a chunk is at most 1/`CHUNK_SECS_DIV` of a second of
+/// the rate.
+pub const CHUNK_SECS_DIV: u64 = 10;
 
 /// A token bucket of bytes; rate 0 is unlimited.
 #[derive(Debug, Clone, Default)]
@@ -49,7 +54,8 @@ impl TokenBucket {
     }
 
     fn burst(&self) -> i64 {
-        (self.rate / BURST_SECS_DIV).max(1).min(i64::MAX as u64) as i64
+        let b = u128::from(self.rate) * u128::from(BURST) / u128::from(SECOND);
+        b.clamp(1, i64::MAX as u128) as i64
     }
 
     /// Add the credit earned since the previous call.
@@ -83,7 +89,7 @@ impl TokenBucket {
         if self.unlimited() {
             max
         } else {
-            (self.rate / BURST_SECS_DIV).clamp(min, max)
+            (self.rate / CHUNK_SECS_DIV).clamp(min, max)
         }
     }
 
@@ -192,7 +198,7 @@ mod tests {
                 let got = at(start + 10 * SECOND) - at(start);
                 let want = rate * 10;
                 // At most one burst and one chunk of debt off.
-                let slack = rate / BURST_SECS_DIV + chunk;
+                let slack = rate / (SECOND / BURST) + chunk;
                 assert!(
                     got.abs_diff(want) <= slack,
                     "rate {rate} chunk {chunk}: {got} bytes in 10 s from {start}, want {want} ± {slack}"
@@ -208,7 +214,7 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_bucket_saves_at_most_a_tenth_of_a_second() {
+    fn an_idle_bucket_saves_at_most_half_a_second() {
         let mut b = TokenBucket::new(10 * MIB);
         b.refill(0);
         b.refill(60 * SECOND);
@@ -217,13 +223,13 @@ mod tests {
             b.take(4096);
             n += 4096;
         }
-        assert!(n <= MIB + 4096, "{n} bytes after a minute idle");
-        assert!(n >= MIB, "{n} bytes: the burst was not saved");
+        assert!(n <= 5 * MIB + 4096, "{n} bytes after a minute idle");
+        assert!(n >= 5 * MIB, "{n} bytes: the burst was not saved");
     }
 
     #[test]
     fn a_chunk_larger_than_the_credit_starts_then_its_debt_is_repaid() {
-        let mut b = TokenBucket::new(MIB); // 1 MiB/s, burst 100 KiB
+        let mut b = TokenBucket::new(MIB); // 1 MiB/s, burst 512 KiB
         b.refill(0);
         assert!(b.may_start());
         b.take(4 * MIB);
