@@ -127,7 +127,9 @@ impl<T> Node<T> {
                     .resync_sent
                     .insert(start, owner);
                 // A chunk that reads as zeros needs no data on the wire:
-                // the target writes zeros over the range (ResyncZero).
+                // the target writes zeros over the range (ResyncZero). The
+                // read ran under the chunk's range lock, so the zeros are
+                // what the blocks hold (docs/durability.md, invariant 23).
                 if zeros::is_zero(&data) {
                     self.counters.resync_zero_sent_bytes += data.len() as u64;
                     self.send(Message::ResyncZero {
@@ -211,7 +213,9 @@ impl<T> Node<T> {
                 }
             }
             // Zeros must really be there afterwards, whatever the target
-            // held (WriteZeroes reads back as zeros; a hole is allowed).
+            // held: WriteZeroes reads back as zeros (a hole is allowed), a
+            // discard would not (docs/durability.md, invariant 23). Its
+            // marks go after a flush, like data (invariant 15).
             None => {
                 self.counters.resync_zero_received_bytes += len;
                 Op::WriteZeroes {
