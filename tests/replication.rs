@@ -257,6 +257,7 @@ fn a_resync_survives_link_resets_stalls_and_drops() {
     );
     // Resumed, not restarted: little more than the dirty data was sent.
     let sent = resynced(&c.status("alpha")) - baseline;
+    eprintln!("resynced {sent} bytes for 96 MiB out of sync, across the faults");
     assert!(sent >= 96 * MIB, "sent {sent} for 96 MiB out of sync");
     assert!(
         sent < 96 * MIB + 96 * MIB / 2,

@@ -25,10 +25,13 @@ use crate::storage::{Done, Op, StorageError};
 
 /// Largest resync chunk, in blocks (1 MiB).
 pub const CHUNK_BLOCKS: u64 = 256;
-/// Resync chunks in flight at once (32 MiB): a 1 GiB full sync on loopback
-/// took a median 4.2 s against 5.1 s with 8 (docs/benchmarks.md). Each
-/// holds its range, so a client write to it waits for at most one chunk.
-pub const MAX_CHUNKS: usize = 32;
+/// Resync chunks in flight at once (8 MiB). 32 made a 1 GiB full sync on
+/// loopback about a fifth faster (docs/benchmarks.md), but every chunk in
+/// flight when the link breaks is sent again: an interrupted resync sends up to
+/// `dirty + faults × MAX_CHUNKS` MiB (120 MiB for 96 MiB and three faults
+/// at 8; 144 at 16; 177 at 32), so it stays 8 until a reconnect can skip
+/// what the target wrote but had not acknowledged.
+pub const MAX_CHUNKS: usize = 8;
 /// The target checkpoints (flush, then clear marks) every this many blocks
 /// (64 MiB).
 pub const CHECKPOINT_BLOCKS: u64 = 16 * 1024;
