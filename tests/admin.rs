@@ -275,6 +275,8 @@ fn status_json_has_every_contract_field() {
         "disk_written_bytes",
         "resync_sent_bytes",
         "resync_received_bytes",
+        "resync_zero_sent_bytes",
+        "resync_zero_received_bytes",
     ] {
         assert!(s["counters"][key].is_u64(), "counters.{key}: {s}");
     }

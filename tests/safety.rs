@@ -32,6 +32,11 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
+/// Bytes the node sent as resync source: data plus zero ranges.
+fn resynced(status: &Value) -> u64 {
+    u(&status["counters"]["resync_sent_bytes"]) + u(&status["counters"]["resync_zero_sent_bytes"])
+}
+
 /// The first `size` bytes of `node`'s backing file (its data area).
 fn data_area(c: &Cluster, node: &str, size: u64) -> Vec<u8> {
     read_file_range(&c.node(node).disk, 0, size as usize)
@@ -172,7 +177,7 @@ fn split_brain_touches_neither_disk_until_discard_my_data() {
 
     // Resolve: beta's changes are dropped, alpha's kept.
     let events = Events::start(&c, "beta");
-    let sent_before = u(&c.field("alpha", &["counters", "resync_sent_bytes"]));
+    let sent_before = resynced(&c.status("alpha"));
     c.repctl("beta", &["connect", "--discard-my-data"]).ok();
     c.repctl("alpha", &["connect"]).ok();
     let out = c.repctl("beta", &["wait-sync", "--timeout", "20s"]);
@@ -199,7 +204,7 @@ fn split_brain_touches_neither_disk_until_discard_my_data() {
         "beta does not hold the kept node's (alpha's) data"
     );
     // Only what either side changed was resynced, not the whole disk.
-    let sent = u(&c.field("alpha", &["counters", "resync_sent_bytes"])) - sent_before;
+    let sent = resynced(&c.status("alpha")) - sent_before;
     assert!(sent >= 3 * MIB, "resynced {sent} bytes for 3 MiB changed");
     assert!(sent < size / 2, "looks like a full resync: {sent}");
 }
@@ -669,7 +674,7 @@ fn a_primary_killed_under_load_loses_no_answered_write_and_resyncs_its_activity_
 
     // The old Primary returns: sync target of its activity log only.
     let events = Events::start(&c, "beta");
-    let sent_before = u(&c.field("beta", &["counters", "resync_sent_bytes"]));
+    let sent_before = resynced(&c.status("beta"));
     c.start("alpha");
     let out = c.repctl("alpha", &["wait-sync", "--timeout", "20s"]);
     assert_eq!(out.code, 0, "wait-sync: {out:?}");
@@ -683,7 +688,7 @@ fn a_primary_killed_under_load_loses_no_answered_write_and_resyncs_its_activity_
         .filter_map(|e| e["sync"]["total_bytes"].as_u64())
         .max()
         .unwrap_or(0);
-    let sent = u(&c.field("beta", &["counters", "resync_sent_bytes"])) - sent_before;
+    let sent = resynced(&c.status("beta")) - sent_before;
     eprintln!("resync: total {total} bytes, sent {sent} bytes of {size}");
     assert!(
         sent > 0,

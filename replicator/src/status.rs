@@ -74,8 +74,18 @@ pub struct Counters {
     pub net_received_bytes: u64,
     pub disk_read_bytes: u64,
     pub disk_written_bytes: u64,
+    /// Resync data sent on the wire (`ResyncData` payloads); ranges that
+    /// travel as zero ranges are counted in `resync_zero_sent_bytes`.
     pub resync_sent_bytes: u64,
+    /// Resync data received (`ResyncData` payloads).
     pub resync_received_bytes: u64,
+    /// Resynced bytes that read as zeros on the source and were sent as a
+    /// zero-range instruction (no data on the wire).
+    #[serde(default)]
+    pub resync_zero_sent_bytes: u64,
+    /// Resynced bytes received as zero ranges (written as zeros).
+    #[serde(default)]
+    pub resync_zero_received_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -410,6 +410,7 @@ impl<T> Node<T> {
                 // before this point leave an UpToDate peer without them.
                 self.resume_io(false);
                 self.link.as_mut().expect("link").resync = Some(ResyncSource::default());
+                self.pace.restart();
                 self.pump();
             }
             Phase::SyncSource { ready: true } if disk == DiskState::UpToDate => {

@@ -26,12 +26,14 @@ mod io;
 mod link;
 mod meta;
 mod node;
+pub mod pace;
 mod ranges;
 mod resync;
 pub(crate) mod rng;
 pub mod states;
 #[cfg(test)]
 mod tests;
+pub mod zeros;
 
 pub use node::{
     ClientOp, Command, CommandError, Device, IoResult, LinkCommand, NbdRefusal, Node, NodeParams,

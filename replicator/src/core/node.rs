@@ -17,6 +17,7 @@ use super::bitmap::Bitmap;
 use super::epochs::TransferLog;
 use super::fencing::{FenceFor, Handler};
 use super::generations::Direction;
+use super::pace::{Nanos, RateMeter, SECOND, TokenBucket};
 use super::ranges::ActiveRanges;
 use super::resync::ResyncSource;
 use super::rng::SplitMix64;
@@ -42,6 +43,9 @@ pub struct NodeParams {
     pub al_extents: usize,
     /// Seed for generation identifiers.
     pub seed: u64,
+    /// Resync rate cap in bytes/s (`[sync] rate`); 0 is unlimited. A
+    /// capped resync needs [`Node::handle_tick`] to advance.
+    pub resync_rate: u64,
 }
 
 /// A client request, already validated against the export's size by the
@@ -493,6 +497,12 @@ pub struct Node<T> {
     pub(super) held_flushes: Vec<u64>,
     /// fence-peer runs in progress.
     pub(super) fencing: Vec<(u64, FenceFor)>,
+    /// The resync source's rate cap (credit comes from `handle_tick`).
+    pub(super) pace: TokenBucket,
+    /// Resync progress over time, for `bytes_per_sec` and `eta_sec`.
+    pub(super) meter: RateMeter,
+    /// When the next periodic progress event is due.
+    pub(super) next_progress_event: Option<Nanos>,
 }
 
 /// Flushing both nodes before the activity log is marked clean.
@@ -575,6 +585,9 @@ impl<T> Node<T> {
             held_writes: Vec::new(),
             held_flushes: Vec::new(),
             fencing: Vec::new(),
+            pace: TokenBucket::new(params.resync_rate),
+            meter: RateMeter::default(),
+            next_progress_event: None,
             p: params,
         };
         node.disk = node.attach_disk_state();
@@ -1036,15 +1049,63 @@ impl<T> Node<T> {
         self.event("nbd-client");
     }
 
+    // ----- time -----------------------------------------------------------
+
+    /// The driver's clock: `now` is a monotonic time in nanoseconds (any
+    /// origin, never going back). It earns the resync source its credit
+    /// under a rate cap, samples the resync progress for the rate and ETA
+    /// in status, and emits a `sync-progress` event every second while a
+    /// resync runs. Drivers call it at least every [`Node::tick_interval`].
+    pub fn handle_tick(&mut self, now: Nanos) {
+        self.pace.refill(now);
+        match self.sync_progress() {
+            Some((done, _)) => {
+                self.meter.record(now, done);
+                if self.next_progress_event.is_none_or(|t| now >= t) {
+                    self.next_progress_event = Some(now + SECOND);
+                    self.event("sync-progress");
+                }
+            }
+            None => {
+                self.meter.clear();
+                self.next_progress_event = None;
+            }
+        }
+        self.pump();
+    }
+
+    /// How often the driver should call [`Node::handle_tick`]: often while
+    /// a capped resync is sending (the cap's granularity), otherwise a few
+    /// times a second for progress.
+    pub fn tick_interval(&self) -> std::time::Duration {
+        let pacing = !self.pace.unlimited()
+            && self
+                .link
+                .as_ref()
+                .is_some_and(|l| matches!(l.phase, Phase::SyncSource { .. }));
+        if pacing {
+            std::time::Duration::from_millis(10)
+        } else {
+            std::time::Duration::from_millis(250)
+        }
+    }
+
     // ----- status ---------------------------------------------------------
 
-    /// Resync progress in bytes: (done, total), while one runs.
+    /// Resync progress in bytes: (done, total), while one runs. Before
+    /// the copy starts (bitmap exchange) the total is what is marked so
+    /// far, and nothing is done.
     pub fn sync_progress(&self) -> Option<(u64, u64)> {
-        matches!(
-            self.replication(),
-            ReplState::SyncSource | ReplState::SyncTarget
-        )
-        .then(|| (self.sync_done * BLOCK_SIZE, self.sync_total * BLOCK_SIZE))
+        let phase = self.link.as_ref()?.phase;
+        match phase {
+            Phase::Bitmaps { .. } | Phase::Starting { .. } => {
+                Some((0, self.bitmap.count() * BLOCK_SIZE))
+            }
+            Phase::SyncSource { .. } | Phase::SyncTarget => {
+                Some((self.sync_done * BLOCK_SIZE, self.sync_total * BLOCK_SIZE))
+            }
+            Phase::AwaitState | Phase::Established => None,
+        }
     }
 
     pub fn status(&self, engine: EngineStatus) -> Status {
@@ -1075,8 +1136,8 @@ impl<T> Node<T> {
                 .map(|(done_bytes, total_bytes)| SyncProgress {
                     done_bytes,
                     total_bytes,
-                    bytes_per_sec: 0,
-                    eta_sec: None,
+                    bytes_per_sec: self.meter.bytes_per_sec(),
+                    eta_sec: self.meter.eta_sec(total_bytes.saturating_sub(done_bytes)),
                 }),
             split_brain: self.split_brain,
             generation: GenerationStatus::from_generations(&self.md.generations),

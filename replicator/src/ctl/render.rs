@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::status::Status;
+use crate::status::{Status, SyncProgress};
 
 /// `1073741824` → `1.0 GiB`.
 pub fn size(bytes: u64) -> String {
@@ -18,6 +18,41 @@ pub fn size(bytes: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// Seconds as `42s`, `12m05s`, `3h07m`.
+pub fn duration(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+/// Percent done, 100 for an empty resync.
+pub fn percent(sync: &SyncProgress) -> f64 {
+    if sync.total_bytes == 0 {
+        100.0
+    } else {
+        100.0 * sync.done_bytes as f64 / sync.total_bytes as f64
+    }
+}
+
+/// `42.1% (431.0 MiB of 1.0 GiB), 20.0 MiB/s, ETA 29s`.
+pub fn sync_line(sync: &SyncProgress) -> String {
+    format!(
+        "{:.1}% ({} of {}), {}",
+        percent(sync),
+        size(sync.done_bytes),
+        size(sync.total_bytes),
+        rate_eta(sync)
+    )
+}
+
+/// `20.0 MiB/s, ETA 29s` (`ETA unknown` until a rate is measured).
+pub fn rate_eta(sync: &SyncProgress) -> String {
+    let eta = sync.eta_sec.map_or("unknown".to_string(), duration);
+    format!("{}/s, ETA {eta}", size(sync.bytes_per_sec))
 }
 
 pub fn status(s: &Status) -> String {
@@ -52,21 +87,7 @@ pub fn status(s: &Status) -> String {
         size(s.out_of_sync_bytes)
     );
     if let Some(sync) = &s.sync {
-        let pct = if sync.total_bytes == 0 {
-            100.0
-        } else {
-            100.0 * sync.done_bytes as f64 / sync.total_bytes as f64
-        };
-        let eta = sync
-            .eta_sec
-            .map_or("unknown".to_string(), |e| format!("{e}s"));
-        let _ = writeln!(
-            out,
-            "  sync {pct:.1}% ({} of {}), {}/s, ETA {eta}",
-            size(sync.done_bytes),
-            size(sync.total_bytes),
-            size(sync.bytes_per_sec)
-        );
+        let _ = writeln!(out, "  sync {}", sync_line(sync));
     }
     if s.split_brain {
         let _ = writeln!(
@@ -83,13 +104,15 @@ pub fn status(s: &Status) -> String {
     let c = &s.counters;
     let _ = writeln!(
         out,
-        "  disk read {} written {}, net sent {} received {}, resync sent {} received {}",
+        "  disk read {} written {}, net sent {} received {}, resync sent {} received {} (zero ranges sent {} received {})",
         size(c.disk_read_bytes),
         size(c.disk_written_bytes),
         size(c.net_sent_bytes),
         size(c.net_received_bytes),
         size(c.resync_sent_bytes),
-        size(c.resync_received_bytes)
+        size(c.resync_received_bytes),
+        size(c.resync_zero_sent_bytes),
+        size(c.resync_zero_received_bytes)
     );
     let e = &s.engine;
     let _ = writeln!(
@@ -112,5 +135,34 @@ mod tests {
         assert_eq!(super::size(1023), "1023 B");
         assert_eq!(super::size(1 << 30), "1.0 GiB");
         assert_eq!(super::size(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn durations_and_sync_lines() {
+        use super::*;
+        assert_eq!(duration(0), "0s");
+        assert_eq!(duration(59), "59s");
+        assert_eq!(duration(65), "1m05s");
+        assert_eq!(duration(3599), "59m59s");
+        assert_eq!(duration(3 * 3600 + 7 * 60 + 59), "3h07m");
+        let mut sync = SyncProgress {
+            done_bytes: 256 << 20,
+            total_bytes: 1 << 30,
+            bytes_per_sec: 20 << 20,
+            eta_sec: Some(39),
+        };
+        assert_eq!(
+            sync_line(&sync),
+            "25.0% (256.0 MiB of 1.0 GiB), 20.0 MiB/s, ETA 39s"
+        );
+        sync.bytes_per_sec = 0;
+        sync.eta_sec = None;
+        assert_eq!(
+            sync_line(&sync),
+            "25.0% (256.0 MiB of 1.0 GiB), 0 B/s, ETA unknown"
+        );
+        sync.total_bytes = 0;
+        sync.done_bytes = 0;
+        assert_eq!(percent(&sync), 100.0);
     }
 }

@@ -211,6 +211,7 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         max_buffers: config.net.max_buffers,
         al_extents: crate::core::activity::DEFAULT_AL_EXTENTS,
         seed: os_random_u64(),
+        resync_rate: config.sync.rate,
     };
     let data_size = sb.layout.data_size;
     let mut env = vec![
@@ -301,6 +302,12 @@ async fn serve(
         }
         None => None,
     };
+    // The core's clock: resync rate credit and progress samples.
+    let ticker = tokio::spawn({
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        async move { shared.tick(cancel).await }
+    });
     let (down_tx, mut down_rx) = mpsc::unbounded_channel();
     let control = ControlServer::bind(&node.control, shared.clone(), down_tx, cancel.clone())
         .with_context(|| format!("cannot open control socket {}", node.control.display()))?;
@@ -337,6 +344,7 @@ async fn serve(
         Err(e) => warn!("stop: {}", e.message),
     }
     cancel.cancel();
+    let _ = ticker.await;
     if let Some(task) = link_task {
         let _ = task.await;
     }

@@ -11,7 +11,7 @@
 //! storage submissions in particular, since a completion may run
 //! synchronously and re-enter `run`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -34,8 +34,6 @@ pub struct Inner {
     next_command: u64,
     /// The writer queue of the link the core is connected over, if any.
     link_tx: Option<(u64, mpsc::UnboundedSender<Message>)>,
-    /// Resync progress samples, for the rate shown in status.
-    rate: VecDeque<(Instant, u64)>,
 }
 
 /// Bytes sent and received on the peer link.
@@ -103,7 +101,6 @@ impl Shared {
                 commands: HashMap::new(),
                 next_command: 0,
                 link_tx: None,
-                rate: VecDeque::new(),
             }),
             handlers,
             storage,
@@ -313,39 +310,36 @@ impl Shared {
         }
     }
 
-    fn status_locked(&self, inner: &mut Inner) -> Status {
+    fn status_locked(&self, inner: &Inner) -> Status {
+        // The resync rate and ETA come from the core, which samples the
+        // progress on every tick (`Node::handle_tick`).
         let mut status = inner.core.status(self.engine_status());
         status.counters.net_sent_bytes = self.net.sent.load(Ordering::Relaxed);
         status.counters.net_received_bytes = self.net.received.load(Ordering::Relaxed);
-        if let Some(sync) = status.sync.as_mut() {
-            // Rate over the last samples (about ten seconds of them).
-            let now = Instant::now();
-            let rate = &mut inner.rate;
-            if rate.back().is_some_and(|&(_, done)| done > sync.done_bytes) {
-                rate.clear(); // a new resync
-            }
-            rate.push_back((now, sync.done_bytes));
-            while rate.len() > 2 && now.duration_since(rate[0].0).as_secs_f64() > 10.0 {
-                rate.pop_front();
-            }
-            let (t0, d0) = rate[0];
-            let secs = now.duration_since(t0).as_secs_f64();
-            if secs > 0.2 {
-                sync.bytes_per_sec = ((sync.done_bytes - d0) as f64 / secs) as u64;
-            }
-            sync.eta_sec = sync
-                .total_bytes
-                .saturating_sub(sync.done_bytes)
-                .checked_div(sync.bytes_per_sec);
-        } else {
-            inner.rate.clear();
-        }
         status
     }
 
+    /// Feed the core its clock, forever (until `cancel`): a tick earns a
+    /// capped resync its credit and samples the progress. Returns when
+    /// cancelled.
+    pub async fn tick(self: &Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        let origin = Instant::now();
+        loop {
+            let now = origin.elapsed().as_nanos() as u64;
+            let next = self.run(|core| {
+                core.handle_tick(now);
+                core.tick_interval()
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(next) => {}
+            }
+        }
+    }
+
     pub fn status(self: &Arc<Self>) -> Status {
-        let mut inner = self.inner.lock().expect("core lock poisoned");
-        self.status_locked(&mut inner)
+        let inner = self.inner.lock().expect("core lock poisoned");
+        self.status_locked(&inner)
     }
 
     /// Subscribe to events; the first line is built by the caller from

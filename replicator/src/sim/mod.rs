@@ -113,6 +113,16 @@ impl SimCluster {
 
     /// Like [`new`](Self::new), with an activity log of `al_extents`.
     pub fn with_al(seed: u64, size: u64, fencing: Fencing, al_extents: usize) -> Self {
+        Self::build(seed, size, fencing, al_extents, 0)
+    }
+
+    /// Like [`new`](Self::new), with a resync rate cap of `rate` bytes/s
+    /// (the resync then advances only with [`tick`](Self::tick)).
+    pub fn with_rate(seed: u64, size: u64, fencing: Fencing, rate: u64) -> Self {
+        Self::build(seed, size, fencing, 4, rate)
+    }
+
+    fn build(seed: u64, size: u64, fencing: Fencing, al_extents: usize, rate: u64) -> Self {
         let mk = |i: usize| {
             let mut disk = SimDisk::new(size);
             format(&mut disk, NAMES[i]);
@@ -125,6 +135,7 @@ impl SimCluster {
                 max_buffers: 64,
                 al_extents,
                 seed: seed.wrapping_mul(31).wrapping_add(i as u64),
+                resync_rate: rate,
             };
             SimNode {
                 name: NAMES[i],
@@ -354,6 +365,16 @@ impl SimCluster {
             .handle_command(t, cmd);
         self.drain(i);
         t
+    }
+
+    /// The clock reads `now` (nanoseconds) on every running node.
+    pub fn tick(&mut self, now: u64) {
+        for i in 0..2 {
+            if let Some(core) = self.nodes[i].core.as_mut() {
+                core.handle_tick(now);
+                self.drain(i);
+            }
+        }
     }
 
     /// Complete one random pending storage op of node `i`; false if none.
