@@ -749,10 +749,28 @@ impl<T> Node<T> {
     pub(super) fn became_primary(
         &mut self,
         cmd: u64,
-        _connected: bool,
+        connected: bool,
         result: Result<(), String>,
     ) {
         match result {
+            // The peer granted the promotion, but the link went before the
+            // superblock was durable (docs/durability.md, invariant 23):
+            // becoming Primary now would write without the peer under a
+            // generation the peer holds too (invariant 19), and without
+            // asking fencing (rule 2). Fail it;
+            // a retry takes the disconnected path, which does both. (The
+            // randomized simulation found this, seed 180, once the
+            // checksum-resync messages changed its schedules.)
+            Ok(()) if connected && self.link.is_none() => {
+                self.md.flags.set(MdFlags::PRIMARY_IND, false);
+                self.persist();
+                self.command_done(
+                    cmd,
+                    Err(CommandError::failed(
+                        "the link to the peer was lost during the promotion; retry",
+                    )),
+                );
+            }
             Ok(()) => {
                 self.role = Role::Primary;
                 info!("{} is now Primary", self.p.node);
