@@ -19,6 +19,7 @@
 
 pub mod activity;
 pub mod bitmap;
+pub mod csum;
 mod epochs;
 pub mod fencing;
 pub mod generations;
@@ -32,6 +33,7 @@ pub(crate) mod rng;
 pub mod states;
 #[cfg(test)]
 mod tests;
+mod verify;
 
 pub use node::{
     ClientOp, Command, CommandError, Device, IoResult, LinkCommand, NbdRefusal, Node, NodeParams,

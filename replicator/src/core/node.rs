@@ -21,10 +21,12 @@ use super::ranges::ActiveRanges;
 use super::resync::ResyncSource;
 use super::rng::SplitMix64;
 use super::states::{ConnState, DiskState, ReplState, Role};
-use crate::config::{Fencing, OnIoError};
+use crate::config::{Fencing, OnIoError, VerifyAlg};
 use crate::metadata::activity_log::AlTransaction;
 use crate::metadata::{BLOCK_SIZE, MdFlags, Superblock};
-use crate::status::{Counters, EngineStatus, GenerationStatus, PeerStatus, Status, SyncProgress};
+use crate::status::{
+    Counters, EngineStatus, GenerationStatus, PeerStatus, Status, SyncProgress, VerifyStatus,
+};
 use crate::storage::Op;
 
 /// Fixed facts about this node, from the configuration.
@@ -42,6 +44,9 @@ pub struct NodeParams {
     pub al_extents: usize,
     /// Seed for generation identifiers.
     pub seed: u64,
+    /// Block checksum for online verify and checksum-based resync
+    /// (`[sync] verify-alg`).
+    pub verify_alg: VerifyAlg,
 }
 
 /// A client request, already validated against the export's size by the
@@ -95,6 +100,8 @@ pub enum Command {
     },
     /// The operator states that the (disconnected) peer is powered off.
     FenceConfirm,
+    /// Online verify against the peer (this node is VerifySource).
+    Verify,
 }
 
 /// Why a command failed. `refused` marks a safety rule (exit status 3); the
@@ -227,6 +234,31 @@ pub(super) enum Purpose<T> {
     },
     /// The local flush before a clean stop or demotion retires the log.
     RetireFlush,
+    /// Sync source: reading a checksum-resync chunk (`csum`).
+    CsumRead {
+        owner: u64,
+        start: u64,
+        end: u64,
+    },
+    /// Sync target: reading our side of a checksum-resync chunk.
+    CsumCompare {
+        start: u64,
+        end: u64,
+        alg: super::csum::Alg,
+        sums: Bytes,
+    },
+    /// Verify source: reading a chunk (`verify`).
+    VerifyRead {
+        owner: u64,
+        start: u64,
+        end: u64,
+    },
+    /// Verify target: reading our side of a chunk.
+    VerifyCompare {
+        owner: u64,
+        start: u64,
+        end: u64,
+    },
 }
 
 /// What a client write is waiting for.
@@ -344,6 +376,10 @@ pub(super) struct Link {
     /// The marked-block count in the last state we sent: the handshake
     /// decides on what the peer saw.
     pub sent_dirty: u64,
+    /// Checksum-based resync of activity-log regions.
+    pub csum: super::csum::CsumLink,
+    /// An online verify in progress.
+    pub verify: Option<super::verify::VerifyRun>,
 }
 
 impl Link {
@@ -360,6 +396,8 @@ impl Link {
             resync_done: false,
             peer_promoting: false,
             sent_dirty: 0,
+            csum: Default::default(),
+            verify: None,
         }
     }
 
@@ -428,6 +466,11 @@ pub(super) enum Deferred {
     Retired {
         then: Vec<Deferred>,
     },
+    /// The verify's marks are durable: answer `repctl verify`.
+    VerifyAnswered {
+        cmd: u64,
+        result: Result<String, String>,
+    },
 }
 
 pub struct Node<T> {
@@ -493,6 +536,10 @@ pub struct Node<T> {
     pub(super) held_flushes: Vec<u64>,
     /// fence-peer runs in progress.
     pub(super) fencing: Vec<(u64, FenceFor)>,
+    /// Checksum for verify and checksum resync.
+    pub(super) verify_alg: super::csum::Alg,
+    /// The last (or running) online verify, for status.
+    pub(super) last_verify: Option<VerifyStatus>,
 }
 
 /// Flushing both nodes before the activity log is marked clean.
@@ -507,7 +554,15 @@ pub(super) struct Retiring {
 #[derive(Debug, Clone, Copy)]
 pub(super) enum RangeOwner {
     Write(u64),
-    Resync { start: u64, end: u64 },
+    Resync {
+        start: u64,
+        end: u64,
+    },
+    /// An online-verify chunk (either side).
+    Verify {
+        start: u64,
+        end: u64,
+    },
 }
 
 /// Disk state codes on the wire (`PeerState::disk`).
@@ -575,6 +630,8 @@ impl<T> Node<T> {
             held_writes: Vec::new(),
             held_flushes: Vec::new(),
             fencing: Vec::new(),
+            verify_alg: params.verify_alg.into(),
+            last_verify: None,
             p: params,
         };
         node.disk = node.attach_disk_state();
@@ -662,7 +719,11 @@ impl<T> Node<T> {
     pub fn replication(&self) -> ReplState {
         match self.link.as_ref().map(|l| l.phase) {
             None | Some(Phase::AwaitState) => ReplState::Off,
-            Some(Phase::Established) => ReplState::Established,
+            Some(Phase::Established) => match self.verify_running() {
+                Some(true) => ReplState::VerifySource,
+                Some(false) => ReplState::VerifyTarget,
+                None => ReplState::Established,
+            },
             Some(Phase::SyncSource { .. }) => ReplState::SyncSource,
             Some(Phase::SyncTarget) => ReplState::SyncTarget,
             Some(Phase::Bitmaps { dir, .. } | Phase::Starting { dir }) => match dir {
@@ -762,6 +823,7 @@ impl<T> Node<T> {
             Command::Invalidate => self.invalidate(id),
             Command::NewCurrentUuid { clear_bitmap } => self.new_current_uuid(id, clear_bitmap),
             Command::FenceConfirm => self.fence_confirm(id),
+            Command::Verify => self.verify(id),
         };
         if let Err(e) = result {
             self.command_done(id, Err(e));
@@ -1031,8 +1093,12 @@ impl<T> Node<T> {
 
     // ----- status ---------------------------------------------------------
 
-    /// Resync progress in bytes: (done, total), while one runs.
+    /// Resync (or online verify) progress in bytes: (done, total), while
+    /// one runs.
     pub fn sync_progress(&self) -> Option<(u64, u64)> {
+        if let Some(v) = self.verify_progress() {
+            return Some(v);
+        }
         matches!(
             self.replication(),
             ReplState::SyncSource | ReplState::SyncTarget
@@ -1077,6 +1143,7 @@ impl<T> Node<T> {
             engine,
             last_error: self.last_error.clone(),
             generation_rule: self.last_rule.clone(),
+            verify: self.last_verify.clone(),
         }
     }
 }

@@ -61,6 +61,9 @@ impl<T> Node<T> {
             match self.bitmap.next_set(rs.cursor) {
                 Some(s) => {
                     let e = self.bitmap.next_clear(s).min(s + CHUNK_BLOCKS);
+                    // Chunks lie wholly inside or outside the regions
+                    // compared by checksum (`csum`).
+                    let e = super::csum::split_at_eligibility(&link.csum.extents, s, e);
                     rs.cursor = e;
                     rs.chunks += 1;
                     let start = s * BLOCK_SIZE;
@@ -84,6 +87,9 @@ impl<T> Node<T> {
     }
 
     pub(super) fn start_resync_read(&mut self, owner: u64, start: u64, end: u64) {
+        if self.csum_eligible(start) {
+            return self.start_csum_read(owner, start, end);
+        }
         let op = Op::Read {
             offset: start,
             len: (end - start) as usize,

@@ -22,6 +22,7 @@ fn params(peer: Option<&str>, fencing: Fencing) -> NodeParams {
         max_buffers: 64,
         al_extents: 8,
         seed: 1,
+        verify_alg: crate::config::VerifyAlg::Crc32,
     }
 }
 

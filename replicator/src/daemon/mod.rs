@@ -211,6 +211,7 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         max_buffers: config.net.max_buffers,
         al_extents: crate::core::activity::DEFAULT_AL_EXTENTS,
         seed: os_random_u64(),
+        verify_alg: config.sync.verify_alg,
     };
     let data_size = sb.layout.data_size;
     let mut env = vec![

@@ -128,6 +128,7 @@ impl SimCluster {
                 max_buffers: 64,
                 al_extents,
                 seed: seed.wrapping_mul(31).wrapping_add(i as u64),
+                verify_alg: crate::config::VerifyAlg::Crc32,
             };
             SimNode {
                 name: NAMES[i],
