@@ -1,9 +1,10 @@
 //! Safety drills (CONTRACT section 6) with real `repd` processes: a
 //! split-brain that touches neither disk until an operator discards one
 //! side, promotion refused under a connected Primary, the fence-peer
-//! handler's exit codes with both fencing modes, and a Primary killed
-//! under load that loses no answered write and resyncs only its activity
-//! log.
+//! handler's exit codes with both fencing modes, a Primary killed under
+//! load that loses no answered write and resyncs only its activity log
+//! (by checksum: only the differing blocks travel), and online verify
+//! finding blocks changed behind Tandem's back.
 //!
 //! Run just these with `cargo nextest run --workspace -E 'binary(safety)'`.
 
@@ -675,6 +676,7 @@ fn a_primary_killed_under_load_loses_no_answered_write_and_resyncs_its_activity_
     // The old Primary returns: sync target of its activity log only.
     let events = Events::start(&c, "beta");
     let sent_before = resynced(&c.status("beta"));
+    let same_before = u(&c.field("beta", &["counters", "resync_same_bytes"]));
     c.start("alpha");
     let out = c.repctl("alpha", &["wait-sync", "--timeout", "20s"]);
     assert_eq!(out.code, 0, "wait-sync: {out:?}");
@@ -689,10 +691,26 @@ fn a_primary_killed_under_load_loses_no_answered_write_and_resyncs_its_activity_
         .max()
         .unwrap_or(0);
     let sent = resynced(&c.status("beta")) - sent_before;
-    eprintln!("resync: total {total} bytes, sent {sent} bytes of {size}");
+    let same = u(&c.field("beta", &["counters", "resync_same_bytes"])) - same_before;
+    eprintln!(
+        "resync: total {total} bytes, sent {sent} bytes, {same} bytes found identical by checksum, of {size}"
+    );
     assert!(
-        sent > 0,
+        sent + same > 0,
         "nothing resynced after a crash with writes in flight"
+    );
+    // Checksum-based resync: every marked byte of the log's regions was
+    // compared, and only the differing blocks (at most the writes in
+    // flight at the crash) were sent.
+    assert_eq!(sent + same, total, "marked bytes neither sent nor compared");
+    assert!(
+        sent <= total / 16,
+        "checksum resync sent {sent} of {total} activity-log bytes"
+    );
+    assert!(
+        c.log("beta").contains("compared by checksum")
+            || c.log("alpha").contains("compared by checksum"),
+        "no log line about the checksum resync"
     );
     // Three extents were written: at most 12 MiB are marked.
     assert!(
@@ -708,4 +726,99 @@ fn a_primary_killed_under_load_loses_no_answered_write_and_resyncs_its_activity_
     assert_eq!(s["role"], "Secondary");
     assert_eq!(s["disk"], "UpToDate");
     assert!(c.data_identical(), "the data areas differ after the resync");
+}
+
+/// Overwrite bytes of `node`'s backing file directly, behind repd's back.
+fn corrupt(c: &Cluster, node: &str, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&c.node(node).disk)
+        .unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn verify_finds_blocks_changed_behind_tandems_back_and_reconnecting_resyncs_exactly_them() {
+    let mut c = Spec::pair(64 * MIB).sections(NET).build();
+    c.up_pair();
+    c.qemu_io("alpha", &["write -P 0x5a 0 8M", "flush"]).ok();
+    // Four blocks of beta's data area change while both run, connected
+    // (two adjacent ones form one range).
+    let bad = [5 * BLOCK, 6 * BLOCK, 3000 * BLOCK, 16000 * BLOCK];
+    for &off in &bad {
+        corrupt(&c, "beta", off + 1024, &[0xc3; 512]);
+    }
+    assert!(!c.data_identical());
+    let ev_a = Events::start(&c, "alpha");
+    let ev_b = Events::start(&c, "beta");
+    let out = c.repctl("alpha", &["verify"]).ok();
+    eprintln!("repctl verify: {}", out.stdout.trim());
+    for want in [
+        "4 blocks (16384 bytes) out of sync",
+        "20480+8192",
+        "12288000+4096",
+        "65536000+4096",
+        "repctl disconnect",
+    ] {
+        assert!(
+            out.stdout.contains(want),
+            "{want:?} not in {:?}",
+            out.stdout
+        );
+    }
+    for (node, role) in [("alpha", "VerifySource"), ("beta", "VerifyTarget")] {
+        let s = c.status(node);
+        let v = &s["verify"];
+        assert_eq!(v["role"], role, "{node}: {v}");
+        assert_eq!(v["complete"], true, "{node}: {v}");
+        assert_eq!(u(&v["out_of_sync_blocks"]), 4, "{node}: {v}");
+        assert_eq!(u(&v["done_bytes"]), u(&v["total_bytes"]));
+        assert_eq!(u(&v["ranges"][0]["offset"]), 5 * BLOCK);
+        assert_eq!(u(&v["ranges"][0]["len"]), 2 * BLOCK);
+        assert_eq!(u(&s["out_of_sync_bytes"]), 4 * BLOCK, "{node}");
+        assert_eq!(s["replication"], "Established");
+        assert!(
+            c.log(node).contains("online verify finished"),
+            "{node}: no verify result in the log"
+        );
+        assert!(c.log(node).contains("differ from the peer"));
+    }
+    let la = ev_a.lines();
+    assert!(
+        la.iter()
+            .any(|e| e["replication"] == "VerifySource" && e["sync"]["total_bytes"].is_u64()),
+        "alpha never showed VerifySource with progress"
+    );
+    assert!(
+        la.iter()
+            .any(|e| e["event"] == "verify-finished" && e["verify"]["out_of_sync_blocks"] == 4),
+        "no verify-finished event with the count on alpha"
+    );
+    assert!(
+        ev_b.lines()
+            .iter()
+            .any(|e| e["replication"] == "VerifyTarget"),
+        "beta never showed VerifyTarget"
+    );
+    // The verify copies nothing.
+    assert!(!c.data_identical());
+
+    // The next resync (DRBD's way): disconnect and connect; the Primary
+    // is the source and sends exactly the marked blocks.
+    let sent0 = u(&c.field("alpha", &["counters", "resync_sent_bytes"]));
+    let recv0 = u(&c.field("beta", &["counters", "resync_received_bytes"]));
+    c.repctl("alpha", &["disconnect"]).ok();
+    c.repctl("alpha", &["connect"]).ok();
+    c.repctl("beta", &["wait-sync", "--timeout", "20s"]).ok();
+    c.wait_status("alpha", "alpha to finish the resync", T, |s| {
+        s["replication"] == "Established" && s["peer"]["disk"] == "UpToDate"
+    });
+    let sent = u(&c.field("alpha", &["counters", "resync_sent_bytes"])) - sent0;
+    let recv = u(&c.field("beta", &["counters", "resync_received_bytes"])) - recv0;
+    assert_eq!(sent, 4 * BLOCK, "resync sent {sent} bytes");
+    assert_eq!(recv, 4 * BLOCK, "resync received {recv} bytes");
+    assert!(c.data_identical(), "the data areas differ after the resync");
+    assert_eq!(u(&c.field("beta", &["out_of_sync_bytes"])), 0);
 }

@@ -33,6 +33,35 @@ pub struct Status {
     /// `uuid_compare` rule number and outcome).
     #[serde(default)]
     pub generation_rule: Option<String>,
+    /// The running or last online verify on this node (`repctl verify`,
+    /// either side), `null` if none ran since `repd` started.
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
+}
+
+/// An online verify: progress and the blocks found out of sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    /// `VerifySource` (the node that ran `repctl verify`) or `VerifyTarget`.
+    pub role: String,
+    /// `crc32` or `sha256`.
+    pub alg: String,
+    pub running: bool,
+    /// Every block was compared (false while running, or if it stopped).
+    pub complete: bool,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Blocks found different, marked out of sync on both nodes.
+    pub out_of_sync_blocks: u64,
+    pub out_of_sync_bytes: u64,
+    /// The first differing byte ranges (at most 64; the counts are exact).
+    pub ranges: Vec<VerifyRange>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRange {
+    pub offset: u64,
+    pub len: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +115,10 @@ pub struct Counters {
     /// Resynced bytes received as zero ranges (written as zeros).
     #[serde(default)]
     pub resync_zero_received_bytes: u64,
+    /// Sync source: bytes a checksum comparison found identical on the
+    /// target, so they were not sent (checksum-based resync).
+    #[serde(default)]
+    pub resync_same_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -316,6 +316,35 @@ mod tests {
                 ok: false,
             },
             Message::ResyncDone,
+            Message::CsumExtents {
+                extents: vec![0, 7, 255],
+            },
+            Message::CsumRequest {
+                offset: 1 << 22,
+                len: 8192,
+                alg: CSUM_ALG_CRC32,
+                sums: Bytes::from(vec![9u8; 8]),
+            },
+            Message::CsumReply {
+                offset: 1 << 22,
+                len: 8192,
+                differ: Bytes::from(vec![2u8]),
+            },
+            Message::VerifyStart {
+                total_bytes: 1 << 30,
+            },
+            Message::VerifyRequest {
+                offset: 0,
+                len: 4096,
+                alg: CSUM_ALG_SHA256,
+                sums: Bytes::from(vec![1u8; 32]),
+            },
+            Message::VerifyReply {
+                offset: 0,
+                len: 4096,
+                differ: Bytes::from(vec![1u8]),
+            },
+            Message::VerifyDone { complete: true },
         ]
     }
 

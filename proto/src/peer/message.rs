@@ -161,7 +161,62 @@ pub enum Message {
     },
     /// The source has sent every out-of-sync block.
     ResyncDone,
+    // --- checksums: checksum-based resync and online verify (appended)
+    /// The sender's activity-log extents (4 MiB each) from a crash while
+    /// Primary, sent during the bitmap exchange: the resync compares these
+    /// regions by checksum before it sends data.
+    CsumExtents {
+        extents: Vec<u32>,
+    },
+    /// Sync source: the checksums (`alg`, one per 4 KiB block) of
+    /// `offset .. offset + len`; the target compares its own blocks.
+    CsumRequest {
+        offset: u64,
+        len: u32,
+        alg: u8,
+        sums: Bytes,
+    },
+    /// Sync target: which blocks of a `CsumRequest` differ (bit `i` of the
+    /// bitmask = block `i`, LSB first); the others are identical and the
+    /// target will clear them.
+    CsumReply {
+        offset: u64,
+        len: u32,
+        differ: Bytes,
+    },
+    /// `repctl verify` started on the sender (VerifySource) over
+    /// `total_bytes`.
+    VerifyStart {
+        total_bytes: u64,
+    },
+    /// Verify source: the checksums of `offset .. offset + len`.
+    VerifyRequest {
+        offset: u64,
+        len: u32,
+        alg: u8,
+        sums: Bytes,
+    },
+    /// Verify target: which blocks differ (bitmask as in `CsumReply`).
+    VerifyReply {
+        offset: u64,
+        len: u32,
+        differ: Bytes,
+    },
+    /// Verify source: every block was compared (`complete`), or the verify
+    /// stopped early.
+    VerifyDone {
+        complete: bool,
+    },
 }
+
+/// Checksum algorithm codes in `CsumRequest` / `VerifyRequest`.
+pub const CSUM_ALG_CRC32: u8 = 1;
+pub const CSUM_ALG_SHA256: u8 = 2;
+/// Most bytes of checksums (or bitmask) in one request or reply: 8192
+/// blocks of SHA-256.
+pub const MAX_SUMS: usize = 8192 * 32;
+/// Most extents in one `CsumExtents` message.
+pub const MAX_CSUM_EXTENTS: usize = 64 * 1024;
 
 /// Type codes (stable across versions).
 pub mod code {
@@ -190,6 +245,13 @@ pub mod code {
     pub const RESYNC_ZERO: u16 = 49;
     pub const RESYNC_ACK: u16 = 50;
     pub const RESYNC_DONE: u16 = 51;
+    pub const CSUM_EXTENTS: u16 = 64;
+    pub const CSUM_REQUEST: u16 = 65;
+    pub const CSUM_REPLY: u16 = 66;
+    pub const VERIFY_START: u16 = 67;
+    pub const VERIFY_REQUEST: u16 = 68;
+    pub const VERIFY_REPLY: u16 = 69;
+    pub const VERIFY_DONE: u16 = 70;
 }
 
 /// Longest string field (reasons, names).
@@ -233,6 +295,11 @@ pub fn body_shape(kind: u16) -> Option<BodyShape> {
         RESYNC_DATA => WithData(8),
         RESYNC_ZERO => Fixed(8 + 4),
         RESYNC_ACK => Fixed(8 + 4 + 1),
+        CSUM_EXTENTS => Variable(4 + MAX_CSUM_EXTENTS * 4),
+        CSUM_REQUEST | VERIFY_REQUEST => Variable(8 + 4 + 1 + 4 + MAX_SUMS),
+        CSUM_REPLY | VERIFY_REPLY => Variable(8 + 4 + 4 + MAX_SUMS),
+        VERIFY_START => Fixed(8),
+        VERIFY_DONE => Fixed(1),
         _ => return None,
     })
 }
@@ -268,6 +335,15 @@ fn get_bool(r: &mut Reader) -> Result<bool, BodyError> {
     }
 }
 
+/// A length-prefixed byte string of at most [`MAX_SUMS`] bytes.
+fn get_blob(r: &mut Reader) -> Result<Bytes, BodyError> {
+    let n = r.u32()? as usize;
+    if n > MAX_SUMS {
+        return Err(BodyError::Invalid("checksum list too long"));
+    }
+    Ok(Bytes::copy_from_slice(r.bytes(n)?))
+}
+
 impl Message {
     pub fn code(&self) -> u16 {
         use code::*;
@@ -297,6 +373,13 @@ impl Message {
             Message::ResyncZero { .. } => RESYNC_ZERO,
             Message::ResyncAck { .. } => RESYNC_ACK,
             Message::ResyncDone => RESYNC_DONE,
+            Message::CsumExtents { .. } => CSUM_EXTENTS,
+            Message::CsumRequest { .. } => CSUM_REQUEST,
+            Message::CsumReply { .. } => CSUM_REPLY,
+            Message::VerifyStart { .. } => VERIFY_START,
+            Message::VerifyRequest { .. } => VERIFY_REQUEST,
+            Message::VerifyReply { .. } => VERIFY_REPLY,
+            Message::VerifyDone { .. } => VERIFY_DONE,
         }
     }
 
@@ -405,6 +488,50 @@ impl Message {
                 b.extend_from_slice(&len.to_be_bytes());
                 b.push(u8::from(*ok));
             }
+            Message::CsumExtents { extents } => {
+                let n = extents.len().min(MAX_CSUM_EXTENTS);
+                b.extend_from_slice(&(n as u32).to_be_bytes());
+                for e in &extents[..n] {
+                    b.extend_from_slice(&e.to_be_bytes());
+                }
+            }
+            Message::CsumRequest {
+                offset,
+                len,
+                alg,
+                sums,
+            }
+            | Message::VerifyRequest {
+                offset,
+                len,
+                alg,
+                sums,
+            } => {
+                b.extend_from_slice(&offset.to_be_bytes());
+                b.extend_from_slice(&len.to_be_bytes());
+                b.push(*alg);
+                let n = sums.len().min(MAX_SUMS);
+                b.extend_from_slice(&(n as u32).to_be_bytes());
+                b.extend_from_slice(&sums[..n]);
+            }
+            Message::CsumReply {
+                offset,
+                len,
+                differ,
+            }
+            | Message::VerifyReply {
+                offset,
+                len,
+                differ,
+            } => {
+                b.extend_from_slice(&offset.to_be_bytes());
+                b.extend_from_slice(&len.to_be_bytes());
+                let n = differ.len().min(MAX_SUMS);
+                b.extend_from_slice(&(n as u32).to_be_bytes());
+                b.extend_from_slice(&differ[..n]);
+            }
+            Message::VerifyStart { total_bytes } => b.extend_from_slice(&total_bytes.to_be_bytes()),
+            Message::VerifyDone { complete } => b.push(u8::from(*complete)),
         }
         (b, data)
     }
@@ -523,6 +650,63 @@ impl Message {
                 ok: get_bool(&mut r)?,
             },
             RESYNC_DONE => Message::ResyncDone,
+            CSUM_EXTENTS => {
+                let n = r.u32()? as usize;
+                if n > MAX_CSUM_EXTENTS {
+                    return Err(BodyError::Invalid("too many extents"));
+                }
+                let mut list = r.sub(n * 4)?;
+                let mut extents = Vec::with_capacity(n);
+                for _ in 0..n {
+                    extents.push(list.u32()?);
+                }
+                Message::CsumExtents { extents }
+            }
+            CSUM_REQUEST | VERIFY_REQUEST => {
+                let offset = r.u64()?;
+                let len = r.u32()?;
+                let alg = r.u8()?;
+                let sums = get_blob(&mut r)?;
+                if kind == CSUM_REQUEST {
+                    Message::CsumRequest {
+                        offset,
+                        len,
+                        alg,
+                        sums,
+                    }
+                } else {
+                    Message::VerifyRequest {
+                        offset,
+                        len,
+                        alg,
+                        sums,
+                    }
+                }
+            }
+            CSUM_REPLY | VERIFY_REPLY => {
+                let offset = r.u64()?;
+                let len = r.u32()?;
+                let differ = get_blob(&mut r)?;
+                if kind == CSUM_REPLY {
+                    Message::CsumReply {
+                        offset,
+                        len,
+                        differ,
+                    }
+                } else {
+                    Message::VerifyReply {
+                        offset,
+                        len,
+                        differ,
+                    }
+                }
+            }
+            VERIFY_START => Message::VerifyStart {
+                total_bytes: r.u64()?,
+            },
+            VERIFY_DONE => Message::VerifyDone {
+                complete: get_bool(&mut r)?,
+            },
             _ => return Err(BodyError::Invalid("unknown message type")),
         };
         r.finish()?;

@@ -31,6 +31,7 @@ pub enum Request {
         clear_bitmap: bool,
     },
     FenceConfirm,
+    Verify,
 }
 
 /// The answer to a request. `refused` marks a safety rule (exit 3).

@@ -195,6 +195,7 @@ impl<T> Node<T> {
                 }
             }
             Some(RangeOwner::Resync { start, end }) => self.start_resync_read(owner, start, end),
+            Some(RangeOwner::Verify { start, end }) => self.verify_admitted(owner, start, end),
             None => debug_assert!(false, "admitted an unknown range owner"),
         }
     }
@@ -683,6 +684,21 @@ impl<T> Node<T> {
                     self.io_error(e);
                 }
                 self.retire_flushed(true);
+            }
+            Purpose::CsumRead { owner, start, end } => {
+                self.csum_read_done(owner, start, end, result)
+            }
+            Purpose::CsumCompare {
+                start,
+                end,
+                alg,
+                sums,
+            } => self.csum_compare_done(start, end, alg, sums, result),
+            Purpose::VerifyRead { owner, start, end } => {
+                self.verify_read_done(owner, start, end, result)
+            }
+            Purpose::VerifyCompare { owner, start, end } => {
+                self.verify_compare_done(owner, start, end, result)
             }
         }
     }

@@ -189,6 +189,10 @@ impl<T> Node<T> {
                 self.release_range(owner, start, end);
             }
         }
+        self.csum_link_lost(link.csum);
+        if let Some(run) = link.verify {
+            self.verify_ended(run, false, Some(format!("the link was lost ({reason})")));
+        }
         // A Primary that lost the peer it replicated to rotates its
         // generation and, with fencing, runs fence-peer (and with
         // resource-and-stonith suspends I/O first, so the writes whose peer
@@ -308,7 +312,38 @@ impl<T> Node<T> {
             },
             Message::ResyncData { offset, data } => self.resync_receive(phase, offset, Some(data), 0),
             Message::ResyncZero { offset, len } => self.resync_receive(phase, offset, None, len),
+            Message::ResyncAck { offset, len, ok } if self.csum_owns_ack(offset) => {
+                self.csum_run_acked(offset, len, ok)
+            }
             Message::ResyncAck { offset, len, ok } => self.resync_acked(offset, len, ok),
+            Message::CsumExtents { extents } => self.on_csum_extents(extents),
+            Message::CsumRequest {
+                offset,
+                len,
+                alg,
+                sums,
+            } => self.on_csum_request(phase, offset, len, alg, sums),
+            Message::CsumReply {
+                offset,
+                len,
+                differ,
+            } => match phase {
+                Phase::SyncSource { .. } => self.on_csum_reply(offset, len, differ),
+                _ => Err("checksum reply while not sync source".to_string()),
+            },
+            Message::VerifyStart { total_bytes } => self.on_verify_start(phase, total_bytes),
+            Message::VerifyRequest {
+                offset,
+                len,
+                alg,
+                sums,
+            } => self.on_verify_request(offset, len, alg, sums),
+            Message::VerifyReply {
+                offset,
+                len,
+                differ,
+            } => self.on_verify_reply(offset, len, differ),
+            Message::VerifyDone { complete } => self.on_verify_done(complete),
             Message::ResyncDone => match phase {
                 Phase::SyncTarget => {
                     self.link.as_mut().expect("link").resync_done = true;
@@ -365,6 +400,9 @@ impl<T> Node<T> {
     }
 
     pub(super) fn set_phase(&mut self, phase: Phase) {
+        if phase != Phase::Established && self.verify_running().is_some() {
+            self.verify_abort("a resync starts", true);
+        }
         if let Some(link) = self.link.as_mut()
             && link.phase != phase
         {
@@ -580,6 +618,7 @@ impl<T> Node<T> {
             }
             from = next;
         }
+        self.send_csum_extents();
         self.send(Message::BitmapDone);
     }
 
@@ -762,13 +801,26 @@ impl<T> Node<T> {
         });
     }
 
-    pub(super) fn became_primary(
-        &mut self,
-        cmd: u64,
-        _connected: bool,
-        result: Result<(), String>,
-    ) {
+    pub(super) fn became_primary(&mut self, cmd: u64, connected: bool, result: Result<(), String>) {
         match result {
+            // The peer granted the promotion, but the link went before the
+            // superblock was durable (docs/durability.md, invariant 25):
+            // becoming Primary now would write without the peer under a
+            // generation the peer holds too (invariant 19), and without
+            // asking fencing (rule 2). Fail it;
+            // a retry takes the disconnected path, which does both. (The
+            // randomized simulation found this, seed 180, once the
+            // checksum-resync messages changed its schedules.)
+            Ok(()) if connected && self.link.is_none() => {
+                self.md.flags.set(MdFlags::PRIMARY_IND, false);
+                self.persist();
+                self.command_done(
+                    cmd,
+                    Err(CommandError::failed(
+                        "the link to the peer was lost during the promotion; retry",
+                    )),
+                );
+            }
             Ok(()) => {
                 self.role = Role::Primary;
                 info!("{} is now Primary", self.p.node);

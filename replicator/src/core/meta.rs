@@ -230,6 +230,10 @@ impl<T> Node<T> {
                 }
             }
             Deferred::AlWrite => self.al_write(),
+            Deferred::VerifyAnswered { cmd, result: r } => {
+                let r = result.and(r).map_err(CommandError::failed);
+                self.command_done(cmd, r);
+            }
             Deferred::Retired { then } => {
                 if self.al_enabled() && !self.md.flags.has(MdFlags::PRIMARY_IND) {
                     self.md.flags.set(MdFlags::AL_CLEAN, true);

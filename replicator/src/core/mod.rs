@@ -19,6 +19,7 @@
 
 pub mod activity;
 pub mod bitmap;
+pub mod csum;
 mod epochs;
 pub mod fencing;
 pub mod generations;
@@ -33,6 +34,7 @@ pub(crate) mod rng;
 pub mod states;
 #[cfg(test)]
 mod tests;
+mod verify;
 pub mod zeros;
 
 pub use node::{

@@ -22,10 +22,12 @@ use super::ranges::ActiveRanges;
 use super::resync::ResyncSource;
 use super::rng::SplitMix64;
 use super::states::{ConnState, DiskState, ReplState, Role};
-use crate::config::{Fencing, OnIoError};
+use crate::config::{Fencing, OnIoError, VerifyAlg};
 use crate::metadata::activity_log::AlTransaction;
 use crate::metadata::{BLOCK_SIZE, MdFlags, Superblock};
-use crate::status::{Counters, EngineStatus, GenerationStatus, PeerStatus, Status, SyncProgress};
+use crate::status::{
+    Counters, EngineStatus, GenerationStatus, PeerStatus, Status, SyncProgress, VerifyStatus,
+};
 use crate::storage::Op;
 
 /// Fixed facts about this node, from the configuration.
@@ -46,6 +48,9 @@ pub struct NodeParams {
     /// Resync rate cap in bytes/s (`[sync] rate`); 0 is unlimited. A
     /// capped resync needs [`Node::handle_tick`] to advance.
     pub resync_rate: u64,
+    /// Block checksum for online verify and checksum-based resync
+    /// (`[sync] verify-alg`).
+    pub verify_alg: VerifyAlg,
 }
 
 /// A client request, already validated against the export's size by the
@@ -99,6 +104,8 @@ pub enum Command {
     },
     /// The operator states that the (disconnected) peer is powered off.
     FenceConfirm,
+    /// Online verify against the peer (this node is VerifySource).
+    Verify,
 }
 
 /// Why a command failed. `refused` marks a safety rule (exit status 3); the
@@ -231,6 +238,31 @@ pub(super) enum Purpose<T> {
     },
     /// The local flush before a clean stop or demotion retires the log.
     RetireFlush,
+    /// Sync source: reading a checksum-resync chunk (`csum`).
+    CsumRead {
+        owner: u64,
+        start: u64,
+        end: u64,
+    },
+    /// Sync target: reading our side of a checksum-resync chunk.
+    CsumCompare {
+        start: u64,
+        end: u64,
+        alg: super::csum::Alg,
+        sums: Bytes,
+    },
+    /// Verify source: reading a chunk (`verify`).
+    VerifyRead {
+        owner: u64,
+        start: u64,
+        end: u64,
+    },
+    /// Verify target: reading our side of a chunk.
+    VerifyCompare {
+        owner: u64,
+        start: u64,
+        end: u64,
+    },
 }
 
 /// What a client write is waiting for.
@@ -348,6 +380,10 @@ pub(super) struct Link {
     /// The marked-block count in the last state we sent: the handshake
     /// decides on what the peer saw.
     pub sent_dirty: u64,
+    /// Checksum-based resync of activity-log regions.
+    pub csum: super::csum::CsumLink,
+    /// An online verify in progress.
+    pub verify: Option<super::verify::VerifyRun>,
 }
 
 impl Link {
@@ -364,6 +400,8 @@ impl Link {
             resync_done: false,
             peer_promoting: false,
             sent_dirty: 0,
+            csum: Default::default(),
+            verify: None,
         }
     }
 
@@ -431,6 +469,11 @@ pub(super) enum Deferred {
     /// may be marked clean, then `then` runs.
     Retired {
         then: Vec<Deferred>,
+    },
+    /// The verify's marks are durable: answer `repctl verify`.
+    VerifyAnswered {
+        cmd: u64,
+        result: Result<String, String>,
     },
 }
 
@@ -503,6 +546,10 @@ pub struct Node<T> {
     pub(super) meter: RateMeter,
     /// When the next periodic progress event is due.
     pub(super) next_progress_event: Option<Nanos>,
+    /// Checksum for verify and checksum resync.
+    pub(super) verify_alg: super::csum::Alg,
+    /// The last (or running) online verify, for status.
+    pub(super) last_verify: Option<VerifyStatus>,
 }
 
 /// Flushing both nodes before the activity log is marked clean.
@@ -517,7 +564,15 @@ pub(super) struct Retiring {
 #[derive(Debug, Clone, Copy)]
 pub(super) enum RangeOwner {
     Write(u64),
-    Resync { start: u64, end: u64 },
+    Resync {
+        start: u64,
+        end: u64,
+    },
+    /// An online-verify chunk (either side).
+    Verify {
+        start: u64,
+        end: u64,
+    },
 }
 
 /// Disk state codes on the wire (`PeerState::disk`).
@@ -588,6 +643,8 @@ impl<T> Node<T> {
             pace: TokenBucket::new(params.resync_rate),
             meter: RateMeter::default(),
             next_progress_event: None,
+            verify_alg: params.verify_alg.into(),
+            last_verify: None,
             p: params,
         };
         node.disk = node.attach_disk_state();
@@ -675,7 +732,11 @@ impl<T> Node<T> {
     pub fn replication(&self) -> ReplState {
         match self.link.as_ref().map(|l| l.phase) {
             None | Some(Phase::AwaitState) => ReplState::Off,
-            Some(Phase::Established) => ReplState::Established,
+            Some(Phase::Established) => match self.verify_running() {
+                Some(true) => ReplState::VerifySource,
+                Some(false) => ReplState::VerifyTarget,
+                None => ReplState::Established,
+            },
             Some(Phase::SyncSource { .. }) => ReplState::SyncSource,
             Some(Phase::SyncTarget) => ReplState::SyncTarget,
             Some(Phase::Bitmaps { dir, .. } | Phase::Starting { dir }) => match dir {
@@ -775,6 +836,7 @@ impl<T> Node<T> {
             Command::Invalidate => self.invalidate(id),
             Command::NewCurrentUuid { clear_bitmap } => self.new_current_uuid(id, clear_bitmap),
             Command::FenceConfirm => self.fence_confirm(id),
+            Command::Verify => self.verify(id),
         };
         if let Err(e) = result {
             self.command_done(id, Err(e));
@@ -1092,10 +1154,13 @@ impl<T> Node<T> {
 
     // ----- status ---------------------------------------------------------
 
-    /// Resync progress in bytes: (done, total), while one runs. Before
-    /// the copy starts (bitmap exchange) the total is what is marked so
-    /// far, and nothing is done.
+    /// Resync (or online verify) progress in bytes: (done, total), while
+    /// one runs. Before the copy starts (bitmap exchange) the total is
+    /// what is marked so far, and nothing is done.
     pub fn sync_progress(&self) -> Option<(u64, u64)> {
+        if let Some(v) = self.verify_progress() {
+            return Some(v);
+        }
         let phase = self.link.as_ref()?.phase;
         match phase {
             Phase::Bitmaps { .. } | Phase::Starting { .. } => {
@@ -1145,6 +1210,7 @@ impl<T> Node<T> {
             engine,
             last_error: self.last_error.clone(),
             generation_rule: self.last_rule.clone(),
+            verify: self.last_verify.clone(),
         }
     }
 }

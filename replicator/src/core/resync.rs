@@ -73,6 +73,9 @@ impl<T> Node<T> {
                     let limit =
                         self.pace.chunk_limit(BLOCK_SIZE, CHUNK_BLOCKS * BLOCK_SIZE) / BLOCK_SIZE;
                     let e = self.bitmap.next_clear(s).min(s + limit);
+                    // Chunks lie wholly inside or outside the regions
+                    // compared by checksum (`csum`).
+                    let e = super::csum::split_at_eligibility(&link.csum.extents, s, e);
                     rs.cursor = e;
                     rs.chunks += 1;
                     let start = s * BLOCK_SIZE;
@@ -97,6 +100,9 @@ impl<T> Node<T> {
     }
 
     pub(super) fn start_resync_read(&mut self, owner: u64, start: u64, end: u64) {
+        if self.csum_eligible(start) {
+            return self.start_csum_read(owner, start, end);
+        }
         let op = Op::Read {
             offset: start,
             len: (end - start) as usize,

@@ -23,6 +23,7 @@ fn params(peer: Option<&str>, fencing: Fencing) -> NodeParams {
         al_extents: 8,
         seed: 1,
         resync_rate: 0,
+        verify_alg: crate::config::VerifyAlg::Crc32,
     }
 }
 

@@ -88,6 +88,10 @@ pub enum Cmd {
     /// State that the disconnected peer is powered off, so this node may
     /// become Primary (and a suspended Primary resumes I/O).
     FenceConfirm,
+    /// Online verify: compare every block with the peer by checksum
+    /// (`verify-alg`), report and mark the blocks that differ; waits until
+    /// the verify ends. `disconnect` + `connect` then resyncs them.
+    Verify,
     /// Wait until the link to the peer is Connected.
     WaitConnect {
         /// Give up after this long (e.g. 30s, 2m) with exit status 1.
@@ -176,6 +180,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Disconnect => simple(&node.control, &Request::Disconnect),
         Cmd::Invalidate => simple(&node.control, &Request::Invalidate),
         Cmd::FenceConfirm => simple(&node.control, &Request::FenceConfirm),
+        Cmd::Verify => simple(&node.control, &Request::Verify),
         Cmd::NewCurrentUuid { clear_bitmap } => {
             simple(&node.control, &Request::NewCurrentUuid { clear_bitmap })
         }

@@ -89,6 +89,32 @@ pub fn status(s: &Status) -> String {
     if let Some(sync) = &s.sync {
         let _ = writeln!(out, "  sync {}", sync_line(sync));
     }
+    if let Some(v) = &s.verify {
+        let state = if v.running {
+            "running"
+        } else if v.complete {
+            "finished"
+        } else {
+            "stopped"
+        };
+        let ranges: Vec<String> = v
+            .ranges
+            .iter()
+            .take(8)
+            .map(|r| format!("{}+{}", r.offset, r.len))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  verify ({}, {}) {state}: {} of {} compared, {} blocks out of sync{}{}",
+            v.role,
+            v.alg,
+            size(v.done_bytes),
+            size(v.total_bytes),
+            v.out_of_sync_blocks,
+            if ranges.is_empty() { "" } else { " at " },
+            ranges.join(", ")
+        );
+    }
     if s.split_brain {
         let _ = writeln!(
             out,

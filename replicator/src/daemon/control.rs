@@ -144,6 +144,7 @@ async fn serve(
         Request::Disconnect => from_command(shared.command(Command::Disconnect).await),
         Request::Invalidate => from_command(shared.command(Command::Invalidate).await),
         Request::FenceConfirm => from_command(shared.command(Command::FenceConfirm).await),
+        Request::Verify => from_command(shared.command(Command::Verify).await),
         Request::NewCurrentUuid { clear_bitmap } => from_command(
             shared
                 .command(Command::NewCurrentUuid { clear_bitmap })

@@ -212,6 +212,7 @@ pub fn run(args: RepdArgs) -> anyhow::Result<()> {
         al_extents: crate::core::activity::DEFAULT_AL_EXTENTS,
         seed: os_random_u64(),
         resync_rate: config.sync.rate,
+        verify_alg: config.sync.verify_alg,
     };
     let data_size = sb.layout.data_size;
     let mut env = vec![

@@ -1,8 +1,10 @@
 //! A simulated disk with a volatile write cache.
 //!
-//! Reads see every completed write. A write is durable once a later flush
-//! completed, or at once if it was FUA. A crash keeps the durable state plus
-//! an arbitrary (seeded) subset of the writes completed since the last
+//! Reads see every completed write. A write is durable once a flush
+//! submitted after it completed has completed ([`SimDisk::flush_upto`]: a
+//! flush covers the writes completed before it was submitted, exactly what
+//! the engine contract promises, and no more), or at once if it was FUA.
+//! A crash keeps the durable state plus an arbitrary (seeded) subset of the writes completed since the last
 //! flush, applied in completion order: exactly what a real disk with a
 //! volatile cache may leave behind.
 
@@ -18,6 +20,10 @@ pub struct SimDisk {
     base: Vec<u8>,
     /// Writes completed since: (offset, bytes, fua).
     log: Vec<(u64, Vec<u8>, bool)>,
+    /// Sequence number of each `log` entry.
+    log_seq: Vec<u64>,
+    /// Writes completed so far (the next write's sequence number).
+    completed: u64,
 }
 
 impl SimDisk {
@@ -26,6 +32,8 @@ impl SimDisk {
             data: vec![0; size as usize],
             base: vec![0; size as usize],
             log: Vec::new(),
+            log_seq: Vec::new(),
+            completed: 0,
         }
     }
 
@@ -48,6 +56,24 @@ impl SimDisk {
     fn write(&mut self, offset: u64, bytes: &[u8], fua: bool) {
         self.data[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
         self.log.push((offset, bytes.to_vec(), fua));
+        self.log_seq.push(self.completed);
+        self.completed += 1;
+    }
+
+    /// How many writes completed so far: a flush submitted now covers
+    /// exactly these (pass the value to [`flush_upto`](Self::flush_upto)).
+    pub fn completed_writes(&self) -> u64 {
+        self.completed
+    }
+
+    /// A flush submitted when `upto` writes had completed finishes: those
+    /// writes are durable; later ones stay volatile.
+    pub fn flush_upto(&mut self, upto: u64) {
+        let n = self.log_seq.iter().take_while(|&&s| s < upto).count();
+        for (offset, bytes, _) in self.log.drain(..n) {
+            self.base[offset as usize..offset as usize + bytes.len()].copy_from_slice(&bytes);
+        }
+        self.log_seq.drain(..n);
     }
 
     /// Carry out `op` (it completes now).
@@ -86,10 +112,7 @@ impl SimDisk {
             }
             Op::Flush => {
                 // Everything completed is durable now.
-                for (offset, bytes, _) in self.log.drain(..) {
-                    self.base[offset as usize..offset as usize + bytes.len()]
-                        .copy_from_slice(&bytes);
-                }
+                self.flush_upto(self.completed);
                 Ok(Done::Ok)
             }
         }
@@ -98,6 +121,7 @@ impl SimDisk {
     /// Power loss: keep what is durable and a random subset of the rest.
     pub fn crash(&mut self, rng: &mut SplitMix64) {
         let mut after = self.base.clone();
+        self.log_seq.clear();
         for (offset, bytes, fua) in self.log.drain(..) {
             if fua || rng.next_u64().is_multiple_of(2) {
                 after[offset as usize..offset as usize + bytes.len()].copy_from_slice(&bytes);

@@ -43,6 +43,9 @@ pub struct SimNode {
     pub wants_link: bool,
     /// Handlers running: (id, which).
     pub handlers: Vec<(u64, Handler)>,
+    /// Flushes submitted: op id → writes completed at submission (what
+    /// the flush covers).
+    pub flush_upto: HashMap<u64, u64>,
     pub params: NodeParams,
 }
 
@@ -136,6 +139,7 @@ impl SimCluster {
                 al_extents,
                 seed: seed.wrapping_mul(31).wrapping_add(i as u64),
                 resync_rate: rate,
+                verify_alg: crate::config::VerifyAlg::Crc32,
             };
             SimNode {
                 name: NAMES[i],
@@ -144,6 +148,7 @@ impl SimCluster {
                 pending: Vec::new(),
                 wants_link: false,
                 handlers: Vec::new(),
+                flush_upto: HashMap::new(),
                 params,
             }
         };
@@ -205,6 +210,7 @@ impl SimCluster {
         self.nodes[i].core = None;
         self.nodes[i].pending.clear();
         self.nodes[i].handlers.clear();
+        self.nodes[i].flush_upto.clear();
         self.nodes[i].wants_link = false;
         let mut rng = SplitMix64::new(self.rng.next_u64());
         self.nodes[i].disk.crash(&mut rng);
@@ -270,7 +276,13 @@ impl SimCluster {
                     id,
                     device: Device::Data | Device::Meta,
                     op,
-                } => self.nodes[i].pending.push((id, op)),
+                } => {
+                    if matches!(op, Op::Flush) {
+                        let upto = self.nodes[i].disk.completed_writes();
+                        self.nodes[i].flush_upto.insert(id, upto);
+                    }
+                    self.nodes[i].pending.push((id, op))
+                }
                 Output::Reply { token, result } => {
                     self.answers.insert(token, Answer::Io(result));
                 }
@@ -384,7 +396,13 @@ impl SimCluster {
         }
         let k = (self.rng.next_u64() % self.nodes[i].pending.len() as u64) as usize;
         let (id, op) = self.nodes[i].pending.swap_remove(k);
-        let result = self.nodes[i].disk.apply(&op);
+        let result = match self.nodes[i].flush_upto.remove(&id) {
+            Some(upto) => {
+                self.nodes[i].disk.flush_upto(upto);
+                Ok(crate::storage::Done::Ok)
+            }
+            None => self.nodes[i].disk.apply(&op),
+        };
         self.nodes[i]
             .core
             .as_mut()
