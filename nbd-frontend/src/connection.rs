@@ -101,6 +101,12 @@ pub(crate) async fn serve<R, W, E>(
     let mut reader = BufReader::with_capacity(256 * 1024, chained);
     let budget = Budget::new(limits.max_buffered_bytes);
 
+    // While the next request is already whole in the buffer (and its budget
+    // is there), a request is started with its reply deferred: the replies
+    // of a run of buffered requests that complete here go out together, in
+    // one `writev`, once the run ends, before anything that can block (a
+    // socket read, a wait for budget, the end of the session).
+    let mut deferred = false;
     // The whole request (header, budget, payload) is read under the
     // cancellation: a client that stops mid-request cannot hold up shutdown.
     let end = loop {
@@ -116,25 +122,55 @@ pub(crate) async fn serve<R, W, E>(
                 cookie,
                 command,
                 payload,
-                budget,
+                budget: permit,
             } => {
                 let export = export.clone();
                 let future = async move { execute(&*export, command, payload).await };
                 // Nothing more to read yet: the client is waiting for this
                 // answer, so the storage may do the I/O on this thread.
                 if reader.buffer().is_empty() {
-                    crate::inline::allow(|| Request::start(cookie, future, budget, &outbox));
+                    crate::inline::allow(|| Request::start(cookie, future, permit, &outbox));
+                } else if next_request_ready(reader.buffer(), &budget) {
+                    crate::reply::defer_replies(|| Request::start(cookie, future, permit, &outbox));
+                    deferred = true;
+                    continue;
                 } else {
-                    Request::start(cookie, future, budget, &outbox);
+                    Request::start(cookie, future, permit, &outbox);
                 }
             }
         }
+        if deferred {
+            outbox.release();
+            deferred = false;
+        }
     };
+    if deferred {
+        outbox.release();
+    }
     debug!("NBD client {peer}: {end}; finishing requests in flight");
     outbox.finish_reading();
     let _ = flusher.await;
     drop(attachment);
     debug!("NBD client {peer}: closed");
+}
+
+/// Whether `buffered` holds the whole next request and its budget charge
+/// is available now: reading it then needs neither the socket nor a wait.
+/// Only a hint for batching replies; a header that turns out to be bad is
+/// rejected by [`read_request`] as usual.
+fn next_request_ready(buffered: &[u8], budget: &Budget) -> bool {
+    let Some(raw) = buffered.first_chunk::<REQUEST_HEADER_LEN>() else {
+        return false;
+    };
+    let Ok(header) = RequestHeader::decode(raw) else {
+        return false;
+    };
+    let (payload, charged) = match header.command {
+        CMD_WRITE => (header.length as usize, header.length),
+        CMD_READ => (0, header.length),
+        _ => (0, 0),
+    };
+    buffered.len() - REQUEST_HEADER_LEN >= payload && budget.available(charged)
 }
 
 /// A connection's byte budget.
@@ -152,11 +188,22 @@ impl Budget {
         }
     }
 
+    fn charge_for(&self, bytes: u32) -> u32 {
+        bytes.saturating_add(PER_REQUEST_CHARGE).min(self.total)
+    }
+
+    /// Whether [`charge`](Self::charge) for `bytes` would not wait now.
+    /// Only this connection's reader takes from the budget, so it stays
+    /// true until the reader charges.
+    fn available(&self, bytes: u32) -> bool {
+        self.permits.available_permits() >= self.charge_for(bytes) as usize
+    }
+
     /// Wait until `bytes` plus the per-request charge are available. A
     /// request larger than the whole budget is charged the whole budget:
     /// it runs alone instead of waiting forever.
     async fn charge(&self, bytes: u32) -> Option<OwnedSemaphorePermit> {
-        let charge = bytes.saturating_add(PER_REQUEST_CHARGE).min(self.total);
+        let charge = self.charge_for(bytes);
         self.permits.clone().acquire_many_owned(charge).await.ok()
     }
 }

@@ -27,6 +27,7 @@ mod reply;
 mod server;
 
 pub use export::{Export, ExportInfo, ZeroFlags};
+pub use reply::batch_replies;
 pub use server::{BoundAddr, Listen, NbdServer, ServerLimits};
 pub use tandem_proto::nbd::ErrorCode;
 pub use tandem_proto::nbd::handshake::{BlockSizes, Refusal, RefusalKind};

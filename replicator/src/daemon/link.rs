@@ -334,6 +334,17 @@ async fn session(
                     let _ = pings.send(Message::PingAck);
                 }
                 Message::PingAck => {}
+                // Nothing more buffered: the Primary waits for this
+                // message's answer (a replicated write or FLUSH at queue
+                // depth 1). As for an NBD client's request, the storage may
+                // then do the I/O on this thread instead of waking its own
+                // (`tandem_nbd::inline`; only a hint, durability is the
+                // same): the acknowledgement leaves one thread hand-off
+                // sooner. With more buffered, the engine's threads take it
+                // and this task reads on.
+                m if reader.r.buffer().is_empty() => {
+                    tandem_nbd::inline::allow(|| shared.peer_message(id, m))
+                }
                 m => shared.peer_message(id, m),
             }
         }

@@ -34,6 +34,9 @@ pub struct Inner {
     next_command: u64,
     /// The writer queue of the link the core is connected over, if any.
     link_tx: Option<(u64, mpsc::UnboundedSender<Message>)>,
+    /// `collect` handed a message to the link's writer since `run` last
+    /// looked.
+    sent: bool,
 }
 
 /// Bytes sent and received on the peer link.
@@ -101,6 +104,7 @@ impl Shared {
                 commands: HashMap::new(),
                 next_command: 0,
                 link_tx: None,
+                sent: false,
             }),
             handlers,
             storage,
@@ -116,11 +120,23 @@ impl Shared {
 
     /// Apply one input to the core and carry out what it decides.
     pub fn run<R>(self: &Arc<Self>, f: impl FnOnce(&mut Node<Token>) -> R) -> R {
-        let (r, actions) = {
+        let (r, actions, sent) = {
             let mut inner = self.inner.lock().expect("core lock poisoned");
             let r = f(&mut inner.core);
-            (r, self.collect(&mut inner))
+            let actions = self.collect(&mut inner);
+            (r, actions, std::mem::take(&mut inner.sent))
         };
+        if sent {
+            // The input sent the peer a message (a replicated write, the
+            // peer's half of a FLUSH). The link's writer task was just woken
+            // on this thread, and tokio runs it only once this thread
+            // returns to its scheduler; an op the storage would run here,
+            // blocking (`tandem_nbd::inline`), would delay the peer's half
+            // by the whole local write or fdatasync: the two halves would
+            // run in series, not in parallel. Hand the op to the engine's
+            // threads instead.
+            let _ = tandem_nbd::inline::take();
+        }
         for action in actions {
             self.execute(action);
         }
@@ -216,6 +232,7 @@ impl Shared {
                     // In order, under the lock, to the current link only.
                     if let Some((_, tx)) = &inner.link_tx {
                         let _ = tx.send(msg);
+                        inner.sent = true;
                     }
                 }
                 Output::Link(cmd) => {

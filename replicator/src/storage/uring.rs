@@ -452,8 +452,13 @@ impl RingThread {
     fn run(mut self) {
         self.shared.threads.enter();
         loop {
-            self.take_side_results();
-            self.take_new_ops();
+            // Replies to the requests completed in one round go out together
+            // (one `writev` per connection, `tandem_nbd::batch_replies`); the
+            // batch ends before the thread waits in `submit_and_wait`.
+            tandem_nbd::batch_replies(|| {
+                self.take_side_results();
+                self.take_new_ops();
+            });
             self.fill_sq();
             let must_not_sleep = {
                 let mut queue = self.shared.lock();
@@ -483,7 +488,7 @@ impl RingThread {
                     ) => {}
                 Err(e) => panic!("io_uring_enter failed: {e}"),
             }
-            self.reap();
+            tandem_nbd::batch_replies(|| self.reap());
         }
         if let Some(side) = self.side.take() {
             side.stop();
