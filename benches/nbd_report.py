@@ -256,7 +256,7 @@ def print_pair(values, mean, servers, summary, markdown=False):
 
 def table(head, rows, markdown):
     if markdown:
-        lines = ["| " + " | ".join(head) + " |",
+        lines = ["", "| " + " | ".join(head) + " |",
                  "|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|"]
         lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in rows]
         return lines

@@ -52,6 +52,7 @@ def fmt(v, digits=None):
 
 def table(head, rows, markdown):
     if markdown:
+        print()
         print("| " + " | ".join(head) + " |")
         print("|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|")
         for cells in rows:
