@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# Compare repd with nbdkit and qemu-nbd on durable single-node NBD work.
+# Compare repd with nbdkit and qemu-nbd on durable NBD work: single-node
+# repd, and a replicated repd pair (issue 3).
 #
 # One backing file, served in turn (never concurrently) by:
 #   repd-direct    repd --engine io-uring --io direct   (O_DIRECT)
 #   repd-buffered  repd --engine io-uring --io buffered (page cache)
+#   repd-pair-direct, repd-pair-buffered
+#                  two repd (alpha, beta) on loopback, protocol C: alpha is
+#                  Primary on the backing file, beta Secondary on a second
+#                  file on the same disk; both create-md --force, alpha
+#                  primary --force, full initial sync (wait-sync) before
+#                  the rows. After the rows: both Connected/UpToDate with
+#                  nothing out of sync, then both stopped and the two data
+#                  areas compared byte for byte (cmp); a difference fails
+#                  the run. CPU per op counts both daemons.
 #   nbdkit         nbdkit file (defaults: cache=default, i.e. page cache)
 #   qemu-nbd       qemu-nbd -f raw --cache=none (O_DIRECT) --aio=$QEMU_AIO
-# all on a unix socket. Rows, per server:
+# all on a unix socket. Before the servers of each run, the loopback TCP
+# round trip is measured (benches/tcprtt.c), for the replicated FLUSH
+# breakdown in the report. Rows, per server:
 #   flush_qd1        fio: 4 KiB random write + FLUSH, QD1 (fsync=1)
 #   flush_qd1_libnbd nbdlat: the same pattern through libnbd (cross-check)
 #   fua_qd1          nbdlat: 4 KiB random write with FUA, QD1
@@ -25,7 +37,11 @@
 #   SEQ_QD [8]         queue depth of the 1 MiB sequential rows
 #   REPEAT [1]         run every server this many times (for run-to-run spread)
 #   SERVERS ["repd-direct repd-buffered nbdkit qemu-nbd"]; also accepted:
-#                      repd-direct-threads, repd-buffered-threads (--engine threads)
+#                      repd-direct-threads, repd-buffered-threads (--engine threads),
+#                      repd-pair-direct, repd-pair-buffered (replicated pair);
+#                      issue 3: SERVERS="repd-pair-direct repd-direct nbdkit"
+#   PAIR_SYNC_TIMEOUT [600s]  how long the pair's initial full sync may take
+#   RTT_SECONDS [3]    seconds of the loopback round-trip measurement (0: skip)
 #   QEMU_AIO [io_uring]  qemu-nbd --aio: io_uring or native
 #   WORKDIR [/work]    where the temporary directory and backing file go
 #   OUT [<repo>/bench-out]  results: results-<stamp>.csv, raw JSON, report
@@ -56,6 +72,8 @@ BUILD=${BUILD:-1}
 HOGS=${HOGS:-0}
 HOG_NICE=${HOG_NICE:-0}
 ROWS=${ROWS:-"flush_qd1 flush_qd1_libnbd fua_qd1 randwrite_qd32 seqwrite_1m seqread_1m"}
+PAIR_SYNC_TIMEOUT=${PAIR_SYNC_TIMEOUT:-600s}
+RTT_SECONDS=${RTT_SECONDS:-3}
 
 REPD_DIR=${REPD_DIR:-$ROOT/target/release}
 REPD=$REPD_DIR/repd
@@ -121,7 +139,7 @@ wait_until() {
 
 # ---- checks and build --------------------------------------------------------
 
-for tool in fio nbdkit qemu-nbd nbdinfo gcc pkg-config jq python3 numfmt; do
+for tool in fio nbdkit qemu-nbd nbdinfo gcc pkg-config jq python3 numfmt cmp; do
     command -v "$tool" >/dev/null || die "needs $tool (apt-get install -y fio nbdkit qemu-utils libnbd-bin libnbd-dev gcc pkg-config jq python3)"
 done
 pkg-config --exists libnbd || die "needs libnbd-dev (apt-get install -y libnbd-dev)"
@@ -147,6 +165,8 @@ fi
 NBDLAT=$TMP/nbdlat
 # shellcheck disable=SC2046
 gcc -O2 -Wall -Wextra -o "$NBDLAT" "$ROOT/benches/nbdlat.c" $(pkg-config --cflags --libs libnbd)
+TCPRTT=$TMP/tcprtt
+gcc -O2 -Wall -Wextra -pthread -o "$TCPRTT" "$ROOT/benches/tcprtt.c"
 
 drop_caches() {
     if [[ $DROP_CACHES == 1 ]]; then
@@ -165,6 +185,12 @@ head -c "$SIZE_BYTES" /dev/urandom | dd of="$IMG" bs=1M iflag=fullblock oflag=di
 sync "$IMG"
 FS_TYPE=$(findmnt -no FSTYPE -T "$IMG" 2>/dev/null || stat -f -c %T "$IMG")
 
+# A TCP port on 127.0.0.1 that is free now (the kernel picks it), so runs
+# of this script and other people's tests do not collide.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 SOCK=$TMP/nbd.sock
 URI="nbd+unix:///?socket=$SOCK"
 CFG=$TMP/r0.toml
@@ -174,12 +200,41 @@ name = "r0"
 
 [[node]]
 name = "alpha"
-address = "127.0.0.1:7788"
+address = "127.0.0.1:$(free_port)"
 disk = "$IMG"
 nbd = "unix:$SOCK"
 control = "$TMP/alpha.ctl"
 EOF
 repctl() { "$REPCTL" --config "$CFG" --node alpha "$@"; }
+
+# The replicated pair: alpha (Primary) on $IMG, serving $SOCK, and beta
+# (Secondary) on its own file in the same directory, i.e. on the same disk.
+IMG2=$TMP/disk-beta.img
+PCFG=$TMP/pair.toml
+if [[ " $SERVERS " == *" repd-pair-"* ]]; then
+    # Sparse: the initial full sync of each pair run writes all of it.
+    truncate -s "$SIZE_BYTES" "$IMG2"
+    cat >"$PCFG" <<EOF
+[resource]
+name = "r0"
+fencing = "dont-care"
+
+[[node]]
+name = "alpha"
+address = "127.0.0.1:$(free_port)"
+disk = "$IMG"
+nbd = "unix:$SOCK"
+control = "$TMP/pair-alpha.ctl"
+
+[[node]]
+name = "beta"
+address = "127.0.0.1:$(free_port)"
+disk = "$IMG2"
+nbd = "unix:$TMP/beta.sock"
+control = "$TMP/pair-beta.ctl"
+EOF
+fi
+pctl() { "$REPCTL" --config "$PCFG" --node "$@"; }
 
 # The extent every server is benchmarked on: repd's data area (the file minus
 # its internal metadata at the end), so all servers touch the same bytes.
@@ -193,11 +248,47 @@ fi
 # ---- servers -----------------------------------------------------------------
 
 SERVER_PID=""
+PEER_PID="" # the pair's Secondary
 
 start_server() {
-    local name=$1
+    local name=$1 run=$2
     rm -f "$SOCK"
     case $name in
+    repd-pair-direct | repd-pair-buffered)
+        local mode=${name#repd-pair-} n
+        pctl alpha create-md --force >/dev/null
+        pctl beta create-md --force >/dev/null
+        "$REPD" --config "$PCFG" --node alpha --engine io-uring --io "$mode" \
+            >"$TMP/$name-alpha.log" 2>&1 &
+        SERVER_PID=$!
+        PIDS+=("$SERVER_PID")
+        "$REPD" --config "$PCFG" --node beta --engine io-uring --io "$mode" \
+            >"$TMP/$name-beta.log" 2>&1 &
+        PEER_PID=$!
+        PIDS+=("$PEER_PID")
+        for n in alpha beta; do
+            wait_until "repd $n to answer" 20 pctl "$n" status --json
+        done
+        pctl alpha wait-connect --timeout 30s >/dev/null
+        local t0 t1
+        t0=$(date +%s.%N)
+        pctl alpha primary --force >/dev/null 2>&1
+        pctl alpha wait-sync --timeout "$PAIR_SYNC_TIMEOUT" >/dev/null ||
+            die "$name: the initial sync did not finish within $PAIR_SYNC_TIMEOUT"
+        t1=$(date +%s.%N)
+        local st size
+        st=$(pctl alpha status --json)
+        size=$(jq -r '.size_bytes' <<<"$st")
+        log "$name: initial full sync of $size bytes took $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s"
+        emit "$run" "$name" pair_sync mbps "$(awk -v a="$t0" -v b="$t1" -v n="$size" 'BEGIN { printf "%.1f", n / (b - a) / 1e6 }')" MB/s
+        pair_check "$name"
+        local direct
+        direct=$(jq -r '.engine.direct_io' <<<"$st")
+        [[ ($mode == direct && $direct == true) || ($mode == buffered && $direct == false) ]] ||
+            die "repd --io $mode reports direct_io=$direct"
+        ((size >= DATA)) || DATA=$size
+        PEER_WRITTEN0=$(pctl beta status --json | jq -r '.counters.disk_written_bytes')
+        ;;
     repd-direct | repd-buffered | repd-direct-threads | repd-buffered-threads | base-direct | base-buffered)
         local mode=${name#*-} engine=io-uring repd=$REPD
         if [[ $name == base-* ]]; then
@@ -240,8 +331,44 @@ start_server() {
     wait_until "$name to serve on $SOCK" 20 nbdinfo --size "$URI"
 }
 
+# The pair replicates: both Connected and UpToDate, nothing out of sync.
+pair_check() {
+    local name=$1 a b
+    a=$(pctl alpha status --json)
+    b=$(pctl beta status --json)
+    [[ $(jq -r '[.role, .disk, .connection, .peer.disk, .out_of_sync_bytes] | join(" ")' <<<"$a") == "Primary UpToDate Connected UpToDate 0" ]] ||
+        die "$name: alpha is not a connected, in-sync Primary: $(jq -c '{role, disk, connection, replication, peer, out_of_sync_bytes}' <<<"$a")"
+    [[ $(jq -r '[.role, .disk, .connection] | join(" ")' <<<"$b") == "Secondary UpToDate Connected" ]] ||
+        die "$name: beta is not a connected, UpToDate Secondary: $(jq -c '{role, disk, connection, replication, out_of_sync_bytes}' <<<"$b")"
+}
+
+stop_pair() {
+    local name=$1 written
+    # Still replicating after the rows, and beta's disk took the writes.
+    pair_check "$name"
+    written=$(pctl beta status --json | jq -r '.counters.disk_written_bytes')
+    ((written > PEER_WRITTEN0)) || die "$name: beta wrote nothing during the rows"
+    log "checked: $name stayed Connected/UpToDate; beta wrote $(((written - PEER_WRITTEN0) >> 20)) MiB during the rows"
+    pctl alpha down >/dev/null 2>&1 || true
+    stop_pid "$SERVER_PID"
+    pctl beta down >/dev/null 2>&1 || true
+    stop_pid "$PEER_PID"
+    SERVER_PID=""
+    PEER_PID=""
+    # The data areas (everything before the internal metadata) must be
+    # identical: a benchmark of a pair that silently stopped replicating
+    # would be worthless.
+    cmp -n "$DATA" "$IMG" "$IMG2" >/dev/null ||
+        die "$name: the data areas of alpha and beta differ (cmp -n $DATA $IMG $IMG2)"
+    log "checked: $name data areas identical (cmp of the first $DATA bytes of both backing files)"
+}
+
 stop_server() {
     local name=$1
+    if [[ $name == repd-pair-* ]]; then
+        stop_pair "$name"
+        return
+    fi
     if [[ $name == repd-* || $name == base-* ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         # The clean stop: in-flight requests finish, metadata is written.
         repctl down >/dev/null 2>&1 || true
@@ -269,13 +396,20 @@ fio_row() {
 # CPU time (user + system, all threads, io_uring workers included) the server
 # process has used so far, in clock ticks.
 CLK_TCK=$(getconf CLK_TCK)
-server_ticks() {
+pid_ticks() {
     local stat
-    read -r stat <"/proc/$SERVER_PID/stat"
+    read -r stat <"/proc/$1/stat"
     stat=${stat##*) } # fields from 3 (state) on; comm may hold spaces
     # shellcheck disable=SC2086
     set -- $stat
     echo $((${12} + ${13}))
+}
+# The server's ticks; for a pair, both daemons'.
+server_ticks() {
+    local t
+    t=$(pid_ticks "$SERVER_PID")
+    if [[ -n $PEER_PID ]]; then t=$((t + $(pid_ticks "$PEER_PID"))); fi
+    echo "$t"
 }
 # Microseconds of server CPU per op: ticks before, ticks after, ops.
 cpu_per_op() {
@@ -388,7 +522,7 @@ verify_fio_flush() {
     echo "date: $(date -Is)"
     echo "host: nproc=$(nproc) kernel=$(uname -r) cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')\""
     echo "file: $IMG size=$SIZE_BYTES extent=$DATA fs=$FS_TYPE device=$(df --output=source "$IMG" | tail -1)"
-    echo "params: RUNTIME=$RUNTIME RAMP=$RAMP XCHECK_RUNTIME=$XCHECK_RUNTIME SEQ_QD=$SEQ_QD REPEAT=$REPEAT QEMU_AIO=$QEMU_AIO DROP_CACHES=$DROP_CACHES HOGS=$HOGS HOG_NICE=$HOG_NICE"
+    echo "params: SERVERS=\"$SERVERS\" RUNTIME=$RUNTIME RAMP=$RAMP XCHECK_RUNTIME=$XCHECK_RUNTIME SEQ_QD=$SEQ_QD REPEAT=$REPEAT QEMU_AIO=$QEMU_AIO DROP_CACHES=$DROP_CACHES HOGS=$HOGS HOG_NICE=$HOG_NICE RTT_SECONDS=$RTT_SECONDS"
     echo "versions: $("$REPD" --version) | $(nbdkit --version) | $(qemu-nbd --version | head -1) | $(fio --version) | libnbd $(pkg-config --modversion libnbd)"
     echo "git: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- . 2>/dev/null || echo '+dirty') repd: $REPD"
     echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -402,11 +536,19 @@ done
 
 verified=0
 for ((run = 1; run <= REPEAT; run++)); do
+    if ((RTT_SECONDS > 0)); then
+        j=$RAW/$run-loopback-tcp_rtt.json
+        "$TCPRTT" "$RTT_SECONDS" 32 >"$j"
+        emit "$run" loopback tcp_rtt p50 "$(jq -r .p50 "$j")" us
+        emit "$run" loopback tcp_rtt p99 "$(jq -r .p99 "$j")" us
+        log "run $run: loopback TCP round trip (32 bytes) p50 $(jq -r .p50 "$j") us, p99 $(jq -r .p99 "$j") us"
+    fi
     for s in $SERVERS; do
         drop_caches
         log "=== run $run: $s (load $(cut -d' ' -f1-3 /proc/loadavg)) ==="
-        start_server "$s"
-        if [[ $s == repd-* && $verified == 0 ]]; then
+        emit "$run" "$s" load load1 "$(cut -d' ' -f1 /proc/loadavg)" load
+        start_server "$s" "$run"
+        if [[ $s == repd-* && $s != repd-pair-* && $verified == 0 ]]; then
             verify_fio_flush
             verified=1
         fi

@@ -7,6 +7,13 @@
 ...)". Several CSV files (e.g. two separate runs of the script) are merged; their
 runs are numbered in order. Values shown are the mean over runs. Writes
 <first csv without .csv>.summary.json next to the first file.
+
+With a replicated pair (repd-pair-*) and nbdkit in the results, it also
+prints the issue-3 goals (pair / nbdkit, each marked PASS or FAIL) and the
+replicated FLUSH breakdown: the pair's FLUSH p50 next to the single-node
+FLUSH p50 of the same mode and the loopback round trip, with what a FLUSH
+would cost if the local and the peer's flush ran in parallel (single + RTT)
+or in series (2 x single + RTT).
 """
 
 import csv
@@ -15,9 +22,19 @@ import statistics
 import sys
 from collections import defaultdict
 
-SERVERS = ["repd-direct", "repd-buffered", "repd-direct-threads", "repd-buffered-threads",
-           "base-direct", "base-buffered", "nbdkit", "qemu-nbd"]
-REPD = SERVERS[:6]
+SERVERS = ["repd-pair-direct", "repd-pair-buffered", "repd-direct", "repd-buffered",
+           "repd-direct-threads", "repd-buffered-threads", "base-direct", "base-buffered",
+           "nbdkit", "qemu-nbd"]
+REPD = SERVERS[:8]
+PAIRS = ["repd-pair-direct", "repd-pair-buffered"]
+
+# Issue 3: (label, row, metric, "le"/"ge", limit) for the ratio pair / nbdkit.
+GOALS = [
+    ("4K write+FLUSH QD1 pair p50 (libnbd)", "flush_qd1_libnbd", "lat_p50", "le", 1.5),
+    ("4K FUA write QD1 p50 (libnbd)", "fua_qd1", "lat_p50", "le", 1.5),
+    ("4K randwrite QD32 IOPS", "randwrite_qd32", "iops", "ge", 0.8),
+    ("1M seq write, FLUSH/64M, MB/s", "seqwrite_1m", "mbps", "ge", 0.9),
+]
 OTHERS = ["nbdkit", "qemu-nbd"]
 
 # (row, metric, label) in display order.
@@ -35,6 +52,7 @@ SHOWN = [
     ("randwrite_qd32", "iops", "4K randwrite QD32 + end FLUSH: IOPS"),
     ("seqwrite_1m", "mbps", "1M seq write, FLUSH/64M: MB/s"),
     ("seqread_1m", "mbps", "1M seq read (cold cache): MB/s"),
+    ("pair_sync", "mbps", "pair: initial full sync MB/s"),
     # Server CPU (user + system, all its threads) per request.
     ("flush_qd1_libnbd", "cpu_per_op", "server CPU per write+FLUSH pair"),
     ("fua_qd1", "cpu_per_op", "server CPU per FUA write"),
@@ -96,7 +114,8 @@ def main():
         return mean.get((server, row, metric))
 
     pairs = [(a, b) for a in REPD if a in servers for b in OTHERS if b in servers]
-    short = {"repd-direct": "dir", "repd-buffered": "buf", "repd-direct-threads": "dir-thr",
+    short = {"repd-pair-direct": "pair-dir", "repd-pair-buffered": "pair-buf",
+             "repd-direct": "dir", "repd-buffered": "buf", "repd-direct-threads": "dir-thr",
              "repd-buffered-threads": "buf-thr", "base-direct": "base-dir",
              "base-buffered": "base-buf", "nbdkit": "nbdkit", "qemu-nbd": "qemu"}
     head = ["row", "unit", "better"] + servers + [f"{short[a]}/{short[b]}" for a, b in pairs]
@@ -127,6 +146,7 @@ def main():
 
     if markdown:
         print_markdown(head, lines)
+        print_pair(values, mean, servers, summary, markdown=True)
         write_json(paths, summary)
         return
 
@@ -142,7 +162,8 @@ def main():
     print("  latency rows (better = lower): ratio < 1 means repd is faster;")
     print("  throughput rows (better = higher): ratio > 1 means repd is faster.")
     print("  '!' marks a row where repd is worse than the other server.")
-    print("  dir = repd --io direct, buf = repd --io buffered (io_uring engine; -thr: threads engine).")
+    print("  dir = repd --io direct, buf = repd --io buffered (io_uring engine; -thr: threads engine);")
+    print("  pair-dir / pair-buf = replicated repd pair (Primary + Secondary on loopback), same modes.")
     print()
     show(head)
     show(["-" * w for w in widths])
@@ -169,7 +190,82 @@ def main():
         for cells in lines2:
             show(cells)
 
+    print_pair(values, mean, servers, summary)
     write_json(paths, summary)
+
+
+def print_pair(values, mean, servers, summary, markdown=False):
+    """Issue-3 goals and the replicated FLUSH breakdown."""
+    pairs = [p for p in PAIRS if p in servers]
+    if not pairs:
+        return
+    out = []
+    loads = {s: [v for _, v in values.get((s, "load", "load1"), [])] for s in servers}
+    if any(loads.values()):
+        out.append("Load (1-minute average) when each server started, per run: " + "; ".join(
+            f"{s} {' / '.join(f'{v:.1f}' for v in vs)}" for s, vs in loads.items() if vs))
+        out.append("")
+    goals = []
+    if "nbdkit" in servers:
+        out.append("Issue 3 goals: replicated pair / nbdkit (same run)")
+        head = ["goal", "limit"] + pairs
+        rows = []
+        for label, row, metric, op, limit in GOALS:
+            cells = [label, ("<= " if op == "le" else ">= ") + f"{limit}x"]
+            for p in pairs:
+                a, b = mean.get((p, row, metric)), mean.get(("nbdkit", row, metric))
+                if a is None or not b:
+                    cells.append("-")
+                    continue
+                r = a / b
+                ok = r <= limit if op == "le" else r >= limit
+                cells.append(f"{r:.2f} {'PASS' if ok else 'FAIL'}")
+                goals.append({"goal": label, "server": p, "ratio": r, "limit": limit,
+                              "op": op, "pass": ok})
+            rows.append(cells)
+        out.extend(table(head, rows, markdown))
+        out.append("")
+    rtt = mean.get(("loopback", "tcp_rtt", "p50"))
+    flush = []
+    head = ["FLUSH p50 (us)", "pair", "single", "loopback RTT",
+            "parallel: single + RTT", "series: 2 x single + RTT"]
+    rows = []
+    for p in pairs:
+        single = p.replace("pair-", "")
+        for row, metric, label in [("flush_qd1", "flush_p50", "fio"),
+                                   ("flush_qd1_libnbd", "flush_p50", "libnbd")]:
+            a, b = mean.get((p, row, metric)), mean.get((single, row, metric))
+            if a is None:
+                continue
+            cells = [f"{p} ({label})", fmt(a), fmt(b)]
+            if b is not None and rtt is not None:
+                cells += [fmt(rtt), fmt(b + rtt), fmt(2 * b + rtt)]
+            else:
+                cells += [fmt(rtt), "-", "-"]
+            rows.append(cells)
+            flush.append({"server": p, "tool": label, "pair_p50": a, "single_p50": b,
+                          "rtt_p50": rtt})
+    if rows:
+        out.append("Replicated FLUSH breakdown (the single-node server of the same mode, same run)")
+        out.extend(table(head, rows, markdown))
+    print()
+    print("\n".join(out))
+    summary["issue3_goals"] = goals
+    summary["flush_breakdown"] = flush
+
+
+def table(head, rows, markdown):
+    if markdown:
+        lines = ["", "| " + " | ".join(head) + " |",
+                 "|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|"]
+        lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in rows]
+        return lines
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(head), line(["-" * w for w in widths])] + [line(c) for c in rows]
 
 
 def print_markdown(head, lines):
