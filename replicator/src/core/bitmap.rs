@@ -127,18 +127,30 @@ impl Bitmap {
 
     /// The first set bit at or after `from`.
     pub fn next_set(&self, from: u64) -> Option<u64> {
-        self.scan(from, true)
+        self.scan(from, true, self.blocks)
     }
 
     /// The first clear bit at or after `from`, or `blocks` if none.
     pub fn next_clear(&self, from: u64) -> u64 {
-        self.scan(from, false).unwrap_or(self.blocks)
+        self.scan(from, false, self.blocks).unwrap_or(self.blocks)
     }
 
-    fn scan(&self, from: u64, want_set: bool) -> Option<u64> {
-        if from >= self.blocks {
+    /// The first clear block in `[from, limit)`, or `limit` (capped at the
+    /// bitmap's size). Costs O(limit - from), not O(run length): the resync
+    /// source cuts each chunk at a bounded size, and an unbounded scan made
+    /// a full sync quadratic in the device size.
+    pub fn next_clear_before(&self, from: u64, limit: u64) -> u64 {
+        let limit = limit.min(self.blocks);
+        self.scan(from, false, limit).unwrap_or(limit).min(limit)
+    }
+
+    /// The first block at or after `from` with the wanted value, looking
+    /// no further than the word holding block `limit - 1`.
+    fn scan(&self, from: u64, want_set: bool, limit: u64) -> Option<u64> {
+        if from >= self.blocks || from >= limit {
             return None;
         }
+        let last_word = (limit.min(self.blocks) - 1) / 64;
         let mut w = (from / 64) as usize;
         let flip = |x: u64| if want_set { x } else { !x };
         let mut word = flip(self.words[w]) & (u64::MAX << (from % 64));
@@ -148,7 +160,7 @@ impl Bitmap {
                 return (b < self.blocks).then_some(b);
             }
             w += 1;
-            if w >= self.words.len() {
+            if w >= self.words.len() || w as u64 > last_word {
                 return None;
             }
             word = flip(self.words[w]);
@@ -244,6 +256,30 @@ mod tests {
         assert_eq!(b.next_clear(0), 200_000);
         assert_eq!(b.clear_all(), 200_000);
         assert_eq!(b.next_set(0), None);
+    }
+
+    proptest! {
+        /// The bounded scan agrees with the unbounded one cut at the limit.
+        #[test]
+        fn next_clear_before_is_next_clear_cut_at_the_limit(
+            blocks in 1u64..3000,
+            runs in proptest::collection::vec((0u64..3000, 0u64..700), 0..8),
+            from in 0u64..3100,
+            len in 0u64..800,
+        ) {
+            let mut b = Bitmap::new(blocks);
+            for (s, l) in runs {
+                let s = s.min(blocks);
+                b.set(s, (s + l).min(blocks));
+            }
+            let limit = from.saturating_add(len);
+                        let got = b.next_clear_before(from, limit);
+            if from < blocks && from < limit {
+                prop_assert_eq!(got, b.next_clear(from).min(limit));
+            } else {
+                                prop_assert_eq!(got, limit.min(blocks));
+            }
+        }
     }
 
     #[test]

@@ -72,7 +72,7 @@ impl<T> Node<T> {
                 Some(s) => {
                     let limit =
                         self.pace.chunk_limit(BLOCK_SIZE, CHUNK_BLOCKS * BLOCK_SIZE) / BLOCK_SIZE;
-                    let e = self.bitmap.next_clear(s).min(s + limit);
+                    let e = self.bitmap.next_clear_before(s, s + limit);
                     // Chunks lie wholly inside or outside the regions
                     // compared by checksum (`csum`).
                     let e = super::csum::split_at_eligibility(&link.csum.extents, s, e);
