@@ -130,6 +130,7 @@ impl<T> Node<T> {
             .is_some_and(|l| matches!(l.phase, Phase::SyncSource { .. }));
         match result {
             Ok(Done::Read(data)) if syncing => {
+                self.counters.disk_read_bytes += data.len() as u64;
                 self.link
                     .as_mut()
                     .expect("syncing")
@@ -258,6 +259,7 @@ impl<T> Node<T> {
             }
         };
         if ok {
+            self.counters.disk_written_bytes += end - start;
             // Cleared only after a flush (see the module doc).
             let seq = self.next_clear_seq;
             self.next_clear_seq += 1;
