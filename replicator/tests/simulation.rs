@@ -514,9 +514,10 @@ fn heal_all(c: &mut SimCluster, m: &mut Model, fencing: Fencing) -> Result<(), S
             m.alone[1].clear();
             c.recreate_md(1);
         }
-        // A Primary that must become sync target is demoted first.
+        // A Primary that must become sync target is demoted first, as the
+        // refusal says (also one whose disk fencing outdated: exit 6).
         if round > 3
-            && let Some(p) = primary(c)
+            && let Some(p) = (0..2).find(|&i| c.running(i) && c.core(i).role() == Role::Primary)
         {
             c.command(p, Command::Secondary);
         }
