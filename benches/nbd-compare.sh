@@ -79,63 +79,9 @@ REPD_DIR=${REPD_DIR:-$ROOT/target/release}
 REPD=$REPD_DIR/repd
 REPCTL=$REPD_DIR/repctl
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
-# ---- processes and cleanup ---------------------------------------------------
-
-PIDS=() # every background process this script started
-TMP=""
-
-forget_pid() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    PIDS=("${keep[@]+"${keep[@]}"}")
-}
-
-# Stop one process we started: SIGTERM, wait up to 15 s, then SIGKILL.
-stop_pid() {
-    local pid=$1 i
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 150; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "process $pid ignored SIGTERM; killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
-    forget_pid "$pid"
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    local p
-    for p in "${PIDS[@]+"${PIDS[@]}"}"; do stop_pid "$p"; done
-    if [[ -n $TMP && -d $TMP ]]; then rm -rf -- "$TMP"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "terminated"; exit 143' TERM
-
-# Poll a command until it succeeds, or fail after $2 seconds.
-wait_until() {
-    local what=$1 secs=$2 i
-    shift 2
-    for ((i = 0; i < secs * 20; i++)); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.05
-    done
-    die "timed out after ${secs}s waiting for $what"
-}
+# log, die, stop_pid, cleanup, wait_until, drop_caches, pid_ticks, free_port
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # ---- checks and build --------------------------------------------------------
 
@@ -168,12 +114,6 @@ gcc -O2 -Wall -Wextra -o "$NBDLAT" "$ROOT/benches/nbdlat.c" $(pkg-config --cflag
 TCPRTT=$TMP/tcprtt
 gcc -O2 -Wall -Wextra -pthread -o "$TCPRTT" "$ROOT/benches/tcprtt.c"
 
-drop_caches() {
-    if [[ $DROP_CACHES == 1 ]]; then
-        sync
-        echo 3 >/proc/sys/vm/drop_caches
-    fi
-}
 
 # ---- the backing file --------------------------------------------------------
 
@@ -185,11 +125,6 @@ head -c "$SIZE_BYTES" /dev/urandom | dd of="$IMG" bs=1M iflag=fullblock oflag=di
 sync "$IMG"
 FS_TYPE=$(findmnt -no FSTYPE -T "$IMG" 2>/dev/null || stat -f -c %T "$IMG")
 
-# A TCP port on 127.0.0.1 that is free now (the kernel picks it), so runs
-# of this script and other people's tests do not collide.
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 SOCK=$TMP/nbd.sock
 URI="nbd+unix:///?socket=$SOCK"
@@ -393,17 +328,6 @@ fio_row() {
     echo "$json"
 }
 
-# CPU time (user + system, all threads, io_uring workers included) the server
-# process has used so far, in clock ticks.
-CLK_TCK=$(getconf CLK_TCK)
-pid_ticks() {
-    local stat
-    read -r stat <"/proc/$1/stat"
-    stat=${stat##*) } # fields from 3 (state) on; comm may hold spaces
-    # shellcheck disable=SC2086
-    set -- $stat
-    echo $((${12} + ${13}))
-}
 # The server's ticks; for a pair, both daemons'.
 server_ticks() {
     local t

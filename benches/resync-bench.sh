@@ -80,63 +80,9 @@ REPD_DIR=${REPD_DIR:-$ROOT/target/release}
 REPD=$REPD_DIR/repd
 REPCTL=$REPD_DIR/repctl
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
-# ---- processes and cleanup ---------------------------------------------------
-
-PIDS=() # every background process this script started
-TMP=""
-
-forget_pid() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    PIDS=("${keep[@]+"${keep[@]}"}")
-}
-
-# Stop one process we started: SIGTERM, wait up to 15 s, then SIGKILL.
-stop_pid() {
-    local pid=$1 i
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 150; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "process $pid ignored SIGTERM; killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
-    forget_pid "$pid"
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    local p
-    for p in "${PIDS[@]+"${PIDS[@]}"}"; do stop_pid "$p"; done
-    if [[ -n $TMP && -d $TMP ]]; then rm -rf -- "$TMP"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "terminated"; exit 143' TERM
-
-# Poll a command until it succeeds, or fail after $2 seconds.
-wait_until() {
-    local what=$1 secs=$2 i
-    shift 2
-    for ((i = 0; i < secs * 20; i++)); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.05
-    done
-    die "timed out after ${secs}s waiting for $what"
-}
+# log, die, stop_pid, cleanup, wait_until, drop_caches, pid_ticks, free_port
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # ---- checks and build --------------------------------------------------------
 
@@ -179,22 +125,7 @@ done
 avail=$(($(df --output=avail -B1 "$TMP" | tail -1)))
 ((avail > 3 * need + 2 * (1 << 30))) || die "needs about $(((3 * need) >> 30)) GiB free in $WORKDIR (has $((avail >> 30)) GiB)"
 
-drop_caches() {
-    if [[ $DROP_CACHES == 1 ]]; then
-        sync
-        echo 3 >/proc/sys/vm/drop_caches
-    fi
-}
 
-CLK_TCK=$(getconf CLK_TCK)
-pid_ticks() {
-    local stat
-    read -r stat <"/proc/$1/stat"
-    stat=${stat##*) } # fields from 3 (state) on; comm may hold spaces
-    # shellcheck disable=SC2086
-    set -- $stat
-    echo $((${12} + ${13}))
-}
 # Peak resident set size so far, in KiB.
 pid_hwm() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 # Reset the peak RSS to the current RSS (Linux clear_refs 5), if allowed.
@@ -208,10 +139,6 @@ reset_hwm() {
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
-# A TCP port on 127.0.0.1 that is free now (the kernel picks it).
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 echo "run,case,size,method,metric,value,unit" >"$CSV"
 emit() { echo "$1,$2,$3,$4,$5,$6,$7" >>"$CSV"; }
