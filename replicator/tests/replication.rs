@@ -378,11 +378,7 @@ fn a_crashed_primary_resyncs_only_its_activity_log_regions() {
         let t = c.write(1, 9 * EXTENT, &[4; 4096], true);
         c.settle();
         io_ok(&c, t);
-        let sent_before = c
-            .core(1)
-            .status(tandem_replicator::status::EngineStatus::idle("sim"))
-            .counters
-            .resync_sent_bytes;
+        let sent_before = c.status(1).counters.resync_sent_bytes;
         c.start(0);
         // The restarted node marked exactly its log's extents.
         assert_eq!(c.core(0).bitmap().count(), 2 * EXTENT / 4096, "seed {seed}");
@@ -395,12 +391,7 @@ fn a_crashed_primary_resyncs_only_its_activity_log_regions() {
         );
         assert_eq!(c.core(0).role(), Role::Secondary);
         assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
-        let sent = c
-            .core(1)
-            .status(tandem_replicator::status::EngineStatus::idle("sim"))
-            .counters
-            .resync_sent_bytes
-            - sent_before;
+        let sent = c.status(1).counters.resync_sent_bytes - sent_before;
         assert!(
             sent <= 2 * EXTENT + 4096,
             "seed {seed}: sent {sent}, more than the log's regions"
@@ -468,12 +459,7 @@ fn resource_and_stonith_suspends_until_the_peer_is_fenced() {
         let later = c.write(0, 8192, &[8; 4096], false);
         // Everything but the handler settles: nothing is answered yet.
         while c.step_except_handlers() {}
-        assert!(
-            c.core(0)
-                .status(tandem_replicator::status::EngineStatus::idle("sim"))
-                .io_suspended,
-            "seed {seed}"
-        );
+        assert!(c.status(0).io_suspended, "seed {seed}");
         if c.answer(later).is_some() {
             panic!("seed {seed}: answered while suspended");
         }
@@ -481,12 +467,7 @@ fn resource_and_stonith_suspends_until_the_peer_is_fenced() {
         if c.running(1) {
             stuck += 1;
             // Not confirmed: still suspended, nothing answered.
-            assert!(
-                c.core(0)
-                    .status(tandem_replicator::status::EngineStatus::idle("sim"))
-                    .io_suspended,
-                "seed {seed}"
-            );
+            assert!(c.status(0).io_suspended, "seed {seed}");
             assert!(c.answer(later).is_none(), "seed {seed}");
             // The operator powers beta off and confirms.
             c.crash(1);
@@ -496,12 +477,7 @@ fn resource_and_stonith_suspends_until_the_peer_is_fenced() {
         } else {
             fenced += 1;
         }
-        assert!(
-            !c.core(0)
-                .status(tandem_replicator::status::EngineStatus::idle("sim"))
-                .io_suspended,
-            "seed {seed}"
-        );
+        assert!(!c.status(0).io_suspended, "seed {seed}");
         io_ok(&c, later);
         if let Some(Answer::Io(r)) = c.answer(w) {
             assert!(r.is_ok());
@@ -652,9 +628,7 @@ fn unrelated_data_is_refused_and_fresh_metadata_resolves_it() {
     c.heal();
     c.settle();
     for i in 0..2 {
-        let st = c
-            .core(i)
-            .status(tandem_replicator::status::EngineStatus::idle("sim"));
+        let st = c.status(i);
         assert_ne!(st.connection, ConnState::Connected);
         let e = st.last_error.expect("a reason");
         assert!(

@@ -6,18 +6,18 @@ use tandem_replicator::config::Fencing;
 use tandem_replicator::core::Command;
 use tandem_replicator::core::states::{DiskState, ReplState};
 use tandem_replicator::sim::{Answer, SimCluster};
-use tandem_replicator::status::{Counters, EngineStatus, SyncProgress};
+use tandem_replicator::status::{Counters, SyncProgress};
 
 const MIB: u64 = 1 << 20;
 const MS: u64 = 1_000_000;
 const SECOND: u64 = 1_000 * MS;
 
 fn counters(c: &SimCluster, i: usize) -> Counters {
-    c.core(i).status(EngineStatus::idle("sim")).counters
+    c.status(i).counters
 }
 
 fn sync(c: &SimCluster, i: usize) -> Option<SyncProgress> {
-    c.core(i).status(EngineStatus::idle("sim")).sync
+    c.status(i).sync
 }
 
 /// Alpha forced Primary with the link down (the caller connects).

@@ -189,12 +189,7 @@ fn check(c: &SimCluster, m: &mut Model, fencing: Fencing) -> Result<(), String> 
     }
     if fencing == Fencing::ResourceAndStonith && !m.rules_broken {
         for i in 0..2 {
-            if !c.running(i)
-                || c.core(i).role() != Role::Primary
-                || c.core(i)
-                    .status(tandem_replicator::status::EngineStatus::idle("sim"))
-                    .io_suspended
-            {
+            if !c.running(i) || c.core(i).role() != Role::Primary || c.status(i).io_suspended {
                 continue;
             }
             for (&b, &id) in &m.committed {
@@ -415,8 +410,7 @@ fn schedule(c: &mut SimCluster, seed: u64, actions: u64) -> Result<(), String> {
     c.settle();
     if let Some(tandem_replicator::sim::Answer::Command(Ok(_))) = c.answer(v) {
         let found = c
-            .core(0)
-            .status(tandem_replicator::status::EngineStatus::idle("sim"))
+            .status(0)
             .verify
             .map_or(u64::MAX, |v| v.out_of_sync_blocks);
         if found != differing {
@@ -469,9 +463,7 @@ fn heal_all(c: &mut SimCluster, m: &mut Model, fencing: Fencing) -> Result<(), S
         // fencing by hand (a lie here, since the peer runs: rules broken).
         for i in 0..2 {
             if c.core(i).role() == Role::Primary
-                && c.core(i)
-                    .status(tandem_replicator::status::EngineStatus::idle("sim"))
-                    .io_suspended
+                && c.status(i).io_suspended
                 && c.core(i).connection() != ConnState::Connected
             {
                 m.rules_broken = true;
@@ -503,8 +495,7 @@ fn heal_all(c: &mut SimCluster, m: &mut Model, fencing: Fencing) -> Result<(), S
         if round > 1
             && (0..2).any(|i| {
                 c.running(i)
-                    && c.core(i)
-                        .status(tandem_replicator::status::EngineStatus::idle("sim"))
+                    && c.status(i)
                         .last_error
                         .is_some_and(|e| e.contains("unrelated data"))
             })

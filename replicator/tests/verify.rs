@@ -11,7 +11,7 @@ use tandem_replicator::config::{Fencing, VerifyAlg};
 use tandem_replicator::core::states::{ConnState, DiskState, ReplState, Role};
 use tandem_replicator::core::{ClientOp, Command};
 use tandem_replicator::sim::{Answer, SimCluster};
-use tandem_replicator::status::{EngineStatus, Status};
+use tandem_replicator::status::Status;
 
 const SIZE: u64 = 8 << 20;
 const BLOCK: u64 = 4096;
@@ -36,7 +36,7 @@ fn io_ok(c: &SimCluster, t: u64) {
 }
 
 fn status(c: &SimCluster, i: usize) -> Status {
-    c.core(i).status(EngineStatus::idle("sim"))
+    c.status(i)
 }
 
 /// A connected pair after the initial full sync from alpha (Primary),
@@ -301,7 +301,7 @@ fn after_a_primary_crash_the_activity_log_regions_are_compared_by_checksum() {
 
 #[test]
 fn a_target_crashing_during_a_checksum_resync_never_trusts_a_block_it_may_lose() {
-    // Invariant 24: blocks found identical are cleared only after a flush.
+    // Invariant 26: blocks found identical are cleared only after a flush.
     // Beta writes over alpha's log regions while alpha (target) compares,
     // then alpha loses power at a random point: after it returns, the
     // resync must still end with identical data.
@@ -352,7 +352,7 @@ fn a_target_crashing_during_a_checksum_resync_never_trusts_a_block_it_may_lose()
 
 #[test]
 fn a_sync_target_clears_marks_only_when_a_flush_completes() {
-    // Invariant 24, step by step: on the sync target a mark goes only when
+    // Invariant 26, step by step: on the sync target a mark goes only when
     // one of its flushes completes, never when a checksum compare finds
     // the block identical (that data may still be in a volatile cache).
     for seed in 0..20 {

@@ -394,7 +394,7 @@ impl<T> Node<T> {
         let first = start / BLOCK_SIZE;
         let mut same = 0;
         for (a, b) in runs(&mask, n, false) {
-            // Invariant 24 (docs/durability.md): a block found identical is
+            // Invariant 26 (docs/durability.md): a block found identical is
             // cleared only like a block this target wrote: after a flush
             // submitted after the read that compared it. The data the read
             // saw may still be only in a volatile cache (a replicated or

@@ -558,7 +558,7 @@ impl<T> Node<T> {
         self.last_verify = Some(status);
         self.event("verify-finished");
         self.event("replication");
-        // Invariant 25 (docs/durability.md): verify only marks, and the
+        // Invariant 27 (docs/durability.md): verify only marks, and the
         // marks are durable before the result is answered.
         let seq = self.md.sequence;
         match run.cmd {

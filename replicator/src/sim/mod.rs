@@ -171,6 +171,13 @@ impl SimCluster {
         self.nodes[i].core.as_ref().expect("node is running")
     }
 
+    /// Node `i`'s status, as `repctl status` would show it (the simulated
+    /// engine reports idle).
+    pub fn status(&self, i: usize) -> crate::status::Status {
+        self.core(i)
+            .status(crate::status::EngineStatus::idle("sim"))
+    }
+
     pub fn running(&self, i: usize) -> bool {
         self.nodes[i].core.is_some()
     }
