@@ -627,7 +627,7 @@ fn unrelated_data_is_refused_and_fresh_metadata_resolves_it() {
     let before = [c.data(0).to_vec(), c.data(1).to_vec()];
     c.heal();
     c.settle();
-    for i in 0..2 {
+    for (i, untouched) in before.iter().enumerate() {
         let st = c.status(i);
         assert_ne!(st.connection, ConnState::Connected);
         let e = st.last_error.expect("a reason");
@@ -635,7 +635,7 @@ fn unrelated_data_is_refused_and_fresh_metadata_resolves_it() {
             e.contains("unrelated data") && e.contains("create-md --force"),
             "{e}"
         );
-        assert_eq!(c.data(i), &before[i][..], "node {i} touched");
+        assert_eq!(c.data(i), &untouched[..], "node {i} touched");
     }
     c.recreate_md(1);
     let k = c.command(

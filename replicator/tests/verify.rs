@@ -293,7 +293,7 @@ fn after_a_primary_crash_the_activity_log_regions_are_compared_by_checksum() {
         // Sent: beta's two blocks, and at most the two writes alpha had in
         // flight (one of them two blocks).
         assert!(
-            sent >= 2 * BLOCK && sent <= 5 * BLOCK,
+            (2 * BLOCK..=5 * BLOCK).contains(&sent),
             "seed {seed}: sent {sent}"
         );
     }
