@@ -112,6 +112,37 @@ fn writes_are_answered_only_after_the_peer_acknowledged() {
     assert!(c.data(0) == c.data(1), "data areas differ");
 }
 
+/// A client that never flushes: the Primary closes the epoch with a barrier
+/// flush of its own once the transfer log holds 1 GiB of acknowledged
+/// writes (`MAX_EPOCH_BLOCKS`), so a lost link then marks nothing; one
+/// write short of that, the whole unflushed epoch is marked.
+#[test]
+fn the_transfer_log_is_bounded_without_client_flushes() {
+    const WRITE: usize = 4 << 20;
+    const WRITES_PER_GIB: usize = (1 << 30) / WRITE;
+    for (writes, marked) in [
+        (WRITES_PER_GIB - 1, (WRITE / 4096) as u64),
+        (WRITES_PER_GIB, 0),
+    ] {
+        let mut c = synced_pair(3);
+        let f = c.client(0, ClientOp::Flush);
+        c.settle();
+        io_ok(&c, f);
+        let data = vec![0x5a; WRITE];
+        for _ in 0..writes {
+            let t = c.write(0, 0, &data, false);
+            c.settle();
+            io_ok(&c, t);
+        }
+        c.partition();
+        assert_eq!(
+            c.core(0).bitmap().count(),
+            marked,
+            "after {writes} unflushed writes of 4 MiB"
+        );
+    }
+}
+
 #[test]
 fn degraded_writes_are_marked_durably_then_only_they_are_resynced() {
     let mut c = synced_pair(2);

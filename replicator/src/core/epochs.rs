@@ -15,11 +15,14 @@ pub struct TransferLog {
     /// Closed epochs: (flush id that closes them, block ranges).
     closed: VecDeque<(u64, Vec<(u64, u64)>)>,
     current: Vec<(u64, u64)>,
+    /// Blocks recorded in the open epoch (overlaps counted each time).
+    current_blocks: u64,
 }
 
 impl TransferLog {
     /// Record blocks `[start, end)` as acknowledged and not yet flushed.
     pub fn record(&mut self, start: u64, end: u64) {
+        self.current_blocks += end - start;
         if let Some(last) = self.current.last_mut()
             && last.1 == start
         {
@@ -34,9 +37,15 @@ impl TransferLog {
         self.current.len()
     }
 
+    /// Blocks recorded in the open epoch (to bound what a lost link marks).
+    pub fn open_blocks(&self) -> u64 {
+        self.current_blocks
+    }
+
     /// A flush with `flush_id` is being sent: it closes the open epoch.
     pub fn close(&mut self, flush_id: u64) {
         let ranges = std::mem::take(&mut self.current);
+        self.current_blocks = 0;
         self.closed.push_back((flush_id, ranges));
     }
 
@@ -55,6 +64,7 @@ impl TransferLog {
     pub fn take_all(&mut self) -> Vec<(u64, u64)> {
         let mut all: Vec<_> = self.closed.drain(..).flat_map(|(_, r)| r).collect();
         all.append(&mut self.current);
+        self.current_blocks = 0;
         all
     }
 }

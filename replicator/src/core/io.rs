@@ -32,9 +32,21 @@ use crate::config::OnIoError;
 use crate::metadata::BLOCK_SIZE;
 use crate::storage::{Done, Op, StorageError};
 
-/// A barrier flush is sent to the peer after this many acknowledged writes
-/// without one, bounding the transfer log.
-const MAX_EPOCH_WRITES: usize = 1024;
+/// A barrier flush is sent to the peer once the open epoch holds this many
+/// acknowledged writes (entries of the transfer log: its memory)...
+///
+/// Each barrier flush is an `fdatasync` on the peer, and a device cache
+/// flush stalls the writes queued behind it: with DRBD's 2048-write epochs
+/// (and our first bound of 1024) a 4 KiB QD32 write load on a virtual disk
+/// spent about 40% of its time stalled behind flushes of about 20 ms each
+/// (docs/benchmarks.md). Clients that care flush anyway (a filesystem at
+/// least every journal commit), and every client FLUSH closes the epoch,
+/// so the bound only matters for a client that never flushes.
+pub(super) const MAX_EPOCH_WRITES: usize = 65_536;
+
+/// ...or this many blocks (1 GiB): the most a lost link marks out of sync
+/// beyond the writes in flight.
+pub(super) const MAX_EPOCH_BLOCKS: u64 = (1 << 30) / BLOCK_SIZE;
 
 impl<T> Node<T> {
     pub fn handle_client(&mut self, token: T, op: ClientOp) {
@@ -366,7 +378,7 @@ impl<T> Node<T> {
         let (s, e) = Bitmap::blocks_of(write.start, write.end - write.start);
         if let Some(link) = self.link.as_mut() {
             link.tl.record(s, e);
-            if link.tl.open_len() >= MAX_EPOCH_WRITES {
+            if link.tl.open_len() >= MAX_EPOCH_WRITES || link.tl.open_blocks() >= MAX_EPOCH_BLOCKS {
                 let id = link.req(PeerReq::Flush { f: None });
                 link.tl.close(id);
                 self.send(Message::Flush { id });
