@@ -289,3 +289,58 @@ fn a_sparse_device_syncs_as_zero_ranges_and_zeroes_the_targets_garbage() {
     let wire = u(&a["net_sent_bytes"]);
     assert!(wire < sent + 4 * MIB, "{wire} bytes on the wire for {data}");
 }
+
+/// `repctl adjust` applies a new `[sync] rate` to a resync in progress: a
+/// sync capped at 1 MiB/s (96 s for this device) finishes within seconds
+/// once the config says "0" and `adjust` ran on the source. A config
+/// that did not change is reported as such; a broken one is refused
+/// before anything reaches repd.
+#[test]
+fn adjust_changes_the_rate_of_a_running_resync() {
+    let size = 96 * MIB;
+    let mut c = Spec::pair(size)
+        .resource("fencing = \"dont-care\"")
+        .sections("[sync]\nrate = \"1M\"\n")
+        .build();
+    fill(&c.node("alpha").disk.clone(), size, 3);
+    start_pair(&mut c);
+    let same = c.repctl("alpha", &["adjust"]).ok();
+    assert!(same.stdout.contains("nothing to change"), "{same:?}");
+    c.repctl("alpha", &["primary", "--force"]).ok();
+    c.wait_status("alpha", "the resync to start", LONG, |s| {
+        s["replication"] == "SyncSource" && s["sync"]["done_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, d0, _) = sample(&c);
+    assert!(d0 < 8 * MIB, "{d0} bytes after about 2 s at 1 MiB/s");
+
+    let config = c.config_of("alpha").to_path_buf();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("rate = \"1M\"", "rate = \"bogus\"")).unwrap();
+    let bad = c.repctl("alpha", &["adjust"]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    assert!(bad.stderr.contains("rate"), "names the key: {bad:?}");
+
+    // (repctl reads the config for every command: status too.)
+    std::fs::write(&config, text.replace("rate = \"1M\"", "rate = \"0\"")).unwrap();
+    assert_eq!(
+        c.field("alpha", &["replication"]),
+        "SyncSource",
+        "a refused adjust leaves the resync running"
+    );
+    let out = c.repctl("alpha", &["adjust"]).ok();
+    assert!(
+        out.stdout
+            .contains("sync rate unlimited (was 1048576 bytes/s)"),
+        "{out:?}"
+    );
+    let t = Instant::now();
+    c.repctl("alpha", &["wait-sync", "--timeout", "60s"]).ok();
+    let left = size - d0;
+    let secs = t.elapsed().as_secs_f64();
+    assert!(
+        secs < left as f64 / MIB as f64 / 2.0,
+        "{secs:.1} s for the last {left} bytes after lifting the 1 MiB/s cap"
+    );
+    assert_eq!(c.field("beta", &["disk"]), "UpToDate");
+}

@@ -129,3 +129,58 @@ fn a_capped_resync_moves_with_the_clock_at_the_rate() {
         assert!(c.data(0) == c.data(1), "seed {seed}");
     }
 }
+
+/// `repctl adjust` mid-resync: the new cap holds from the next tick, up
+/// and down, and the answer says what changed.
+#[test]
+fn adjusting_the_rate_mid_resync_takes_effect_at_once() {
+    let mut c = SimCluster::with_rate(7, 40 * MIB, Fencing::DontCare, 2 * MIB);
+    promote(&mut c);
+    c.heal();
+    assert!(c.try_connect());
+    c.settle();
+    assert_eq!(c.core(0).replication(), ReplState::SyncSource);
+    let mut now = 0;
+    let mut run = |c: &mut SimCluster, secs: u64| {
+        let d0 = sync(c, 0).expect("syncing").done_bytes;
+        for _ in 0..secs * 100 {
+            now += 10 * MS;
+            c.tick(now);
+            c.settle();
+        }
+        (sync(c, 0).expect("still syncing").done_bytes - d0) / secs
+    };
+    let adjust = |c: &mut SimCluster, rate: u64| {
+        let k = c.command(
+            0,
+            Command::Adjust {
+                resync_rate: rate,
+                max_buffers: 64,
+            },
+        );
+        c.settle();
+        match c.answer(k) {
+            Some(Answer::Command(Ok(m))) => m.clone(),
+            other => panic!("adjust: {other:?}"),
+        }
+    };
+    run(&mut c, 1);
+    for (rate, was) in [(8 * MIB, 2 * MIB), (MIB, 8 * MIB)] {
+        let m = adjust(&mut c, rate);
+        assert_eq!(m, format!("sync rate {rate} bytes/s (was {was} bytes/s)"));
+        run(&mut c, 1); // the burst of the old cap drains
+        let got = run(&mut c, 2);
+        assert!(
+            got.abs_diff(rate) * 100 <= rate * 5,
+            "{got} bytes/s with the cap adjusted to {rate}"
+        );
+    }
+    assert_eq!(
+        adjust(&mut c, MIB),
+        "nothing to change: sync rate and max-buffers are as configured"
+    );
+    assert!(adjust(&mut c, 0).starts_with("sync rate unlimited"));
+    c.settle();
+    assert_eq!(c.core(1).disk(), DiskState::UpToDate);
+    assert!(c.data(0) == c.data(1));
+}

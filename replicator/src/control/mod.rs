@@ -32,6 +32,11 @@ pub enum Request {
     },
     FenceConfirm,
     Verify,
+    /// New values for the settings repd applies while running.
+    Adjust {
+        resync_rate: u64,
+        max_buffers: u32,
+    },
 }
 
 /// The answer to a request. `refused` marks a safety rule (exit 3).

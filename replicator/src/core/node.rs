@@ -106,6 +106,12 @@ pub enum Command {
     FenceConfirm,
     /// Online verify against the peer (this node is VerifySource).
     Verify,
+    /// Apply new values of the settings that can change while running
+    /// (`repctl adjust`): `[sync] rate` and `[net] max-buffers`.
+    Adjust {
+        resync_rate: u64,
+        max_buffers: u32,
+    },
 }
 
 /// Why a command failed. `refused` marks a safety rule (exit status 3); the
@@ -837,10 +843,60 @@ impl<T> Node<T> {
             Command::NewCurrentUuid { clear_bitmap } => self.new_current_uuid(id, clear_bitmap),
             Command::FenceConfirm => self.fence_confirm(id),
             Command::Verify => self.verify(id),
+            Command::Adjust {
+                resync_rate,
+                max_buffers,
+            } => self.adjust(id, resync_rate, max_buffers),
         };
         if let Err(e) = result {
             self.command_done(id, Err(e));
         }
+    }
+
+    /// `repctl adjust`: the resync rate cap and the requests allowed in
+    /// flight toward the peer take effect at once (a resync this node is
+    /// the source of speeds up or slows down mid-run; the rate is paced by
+    /// the source, so the SyncTarget's value matters only if the direction
+    /// changes). The answer says what changed.
+    fn adjust(&mut self, cmd: u64, resync_rate: u64, max_buffers: u32) -> Result<(), CommandError> {
+        if max_buffers == 0 {
+            return Err(CommandError::failed("max-buffers must be at least 1"));
+        }
+        let rate = |r: u64| {
+            if r == 0 {
+                "unlimited".to_string()
+            } else {
+                format!("{r} bytes/s")
+            }
+        };
+        let mut changes = Vec::new();
+        if self.pace.rate() != resync_rate {
+            changes.push(format!(
+                "sync rate {} (was {})",
+                rate(resync_rate),
+                rate(self.pace.rate())
+            ));
+            self.p.resync_rate = resync_rate;
+            self.pace.set_rate(resync_rate);
+        }
+        if self.p.max_buffers != max_buffers {
+            changes.push(format!(
+                "max-buffers {max_buffers} (was {})",
+                self.p.max_buffers
+            ));
+            self.p.max_buffers = max_buffers;
+        }
+        let message = if changes.is_empty() {
+            "nothing to change: sync rate and max-buffers are as configured".to_string()
+        } else {
+            info!("adjusted: {}", changes.join(", "));
+            changes.join(", ")
+        };
+        // More room may let blocked writes and resync chunks start.
+        self.resume();
+        self.pump();
+        self.command_done(cmd, Ok(message));
+        Ok(())
     }
 
     fn promote(&mut self, cmd: u64, force: bool) -> Result<(), CommandError> {

@@ -49,6 +49,18 @@ impl TokenBucket {
         self.rate
     }
 
+    /// Change the rate (`repctl adjust`). Credit already earned is kept up
+    /// to the new rate's burst, so a lower cap holds from now on; time
+    /// keeps running from the last refill.
+    pub fn set_rate(&mut self, rate: u64) {
+        self.rate = rate;
+        self.credit = if rate == 0 {
+            0
+        } else {
+            self.credit.min(self.burst())
+        };
+    }
+
     pub fn unlimited(&self) -> bool {
         self.rate == 0
     }

@@ -92,6 +92,10 @@ pub enum Cmd {
     /// (`verify-alg`), report and mark the blocks that differ; waits until
     /// the verify ends. `disconnect` + `connect` then resyncs them.
     Verify,
+    /// Apply the config file's `[sync] rate` and `[net] max-buffers` to the
+    /// running repd, at once (a running resync changes speed). Other keys
+    /// take effect when repd restarts.
+    Adjust,
     /// Wait until the link to the peer is Connected.
     WaitConnect {
         /// Give up after this long (e.g. 30s, 2m) with exit status 1.
@@ -181,6 +185,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Invalidate => simple(&node.control, &Request::Invalidate),
         Cmd::FenceConfirm => simple(&node.control, &Request::FenceConfirm),
         Cmd::Verify => simple(&node.control, &Request::Verify),
+        Cmd::Adjust => simple(
+            &node.control,
+            &Request::Adjust {
+                resync_rate: config.sync.rate,
+                max_buffers: config.net.max_buffers,
+            },
+        ),
         Cmd::NewCurrentUuid { clear_bitmap } => {
             simple(&node.control, &Request::NewCurrentUuid { clear_bitmap })
         }

@@ -145,6 +145,17 @@ async fn serve(
         Request::Invalidate => from_command(shared.command(Command::Invalidate).await),
         Request::FenceConfirm => from_command(shared.command(Command::FenceConfirm).await),
         Request::Verify => from_command(shared.command(Command::Verify).await),
+        Request::Adjust {
+            resync_rate,
+            max_buffers,
+        } => from_command(
+            shared
+                .command(Command::Adjust {
+                    resync_rate,
+                    max_buffers,
+                })
+                .await,
+        ),
         Request::NewCurrentUuid { clear_bitmap } => from_command(
             shared
                 .command(Command::NewCurrentUuid { clear_bitmap })
