@@ -276,7 +276,7 @@ impl<T> Node<T> {
     /// Source: a chunk is done (or abandoned): free its slot and range.
     fn csum_chunk_finished(&mut self, owner: u64, start: u64, end: u64) {
         if let Some(rs) = self.link.as_mut().and_then(|l| l.resync.as_mut()) {
-            rs.chunks = rs.chunks.saturating_sub(1);
+            rs.finished(end - start);
         }
         self.release_range(owner, start, end);
         self.pump();

@@ -5,8 +5,9 @@
 //! range like a client write does, so a resync read never races a client
 //! write to the same blocks and the target applies them in the order the
 //! source decided. A chunk's marks are cleared when the target
-//! acknowledged its write. At most [`MAX_CHUNKS`] chunks are in flight, and
-//! never more than `max-buffers` requests toward the peer.
+//! acknowledged its write. At most [`MAX_CHUNK_BYTES`] bytes in at most
+//! [`MAX_CHUNKS`] chunks are in flight, and never more than `max-buffers`
+//! requests toward the peer.
 //!
 //! Target: writes what it receives and acknowledges it, but clears its own
 //! marks only after a flush made the writes durable (`pending_clears`), so
@@ -25,13 +26,20 @@ use crate::storage::{Done, Op, StorageError};
 
 /// Largest resync chunk, in blocks (1 MiB).
 pub const CHUNK_BLOCKS: u64 = 256;
-/// Resync chunks in flight at once (8 MiB). 32 made a 1 GiB full sync on
-/// loopback about a fifth faster (docs/benchmarks.md), but every chunk in
-/// flight when the link breaks is sent again: an interrupted resync sends up to
-/// `dirty + faults × MAX_CHUNKS` MiB (120 MiB for 96 MiB and three faults
-/// at 8; 144 at 16; 177 at 32), so it stays 8 until a reconnect can skip
-/// what the target wrote but had not acknowledged.
-pub const MAX_CHUNKS: usize = 8;
+/// Resync bytes in flight at once (8 MiB: eight whole chunks). 32 MiB made
+/// a 1 GiB full sync on loopback about a fifth faster (docs/benchmarks.md),
+/// but every chunk in flight when the link breaks is sent again: an
+/// interrupted resync sends up to `dirty + faults × 8 MiB` (120 MiB for
+/// 96 MiB and three faults; 177 with 32 MiB in flight), so it stays 8 MiB
+/// until a reconnect can skip what the target wrote but had not
+/// acknowledged.
+pub const MAX_CHUNK_BYTES: u64 = 8 * CHUNK_BLOCKS * BLOCK_SIZE;
+/// Resync chunks in flight at once. Above the eight whole chunks the byte
+/// limit allows: a bitmap resync of scattered blocks makes chunks of one
+/// or a few blocks, and with only eight of them in flight the copy ran at
+/// queue depth 8 on both disks. The byte limit still bounds what a link
+/// fault costs.
+pub const MAX_CHUNKS: usize = 32;
 /// The target checkpoints (flush, then clear marks) every this many blocks
 /// (64 MiB).
 pub const CHECKPOINT_BLOCKS: u64 = 16 * 1024;
@@ -42,8 +50,23 @@ pub(super) struct ResyncSource {
     pub cursor: u64,
     /// Chunks waiting for their range, being read, or sent.
     pub chunks: usize,
+    /// Bytes of those chunks.
+    pub bytes: u64,
     /// `ResyncDone` was sent.
     pub done_sent: bool,
+}
+
+impl ResyncSource {
+    fn started(&mut self, bytes: u64) {
+        self.chunks += 1;
+        self.bytes += bytes;
+    }
+
+    /// A chunk of `bytes` is done or abandoned.
+    pub(super) fn finished(&mut self, bytes: u64) {
+        self.chunks = self.chunks.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
 }
 
 impl<T> Node<T> {
@@ -61,7 +84,11 @@ impl<T> Node<T> {
             let Some(rs) = link.resync.as_mut() else {
                 return;
             };
-            if rs.done_sent || rs.chunks >= MAX_CHUNKS || in_flight >= max_buffers {
+            if rs.done_sent
+                || rs.chunks >= MAX_CHUNKS
+                || rs.bytes >= MAX_CHUNK_BYTES
+                || in_flight >= max_buffers
+            {
                 return;
             }
             // `[sync] rate`: a chunk starts only with credit (pace.rs).
@@ -77,9 +104,9 @@ impl<T> Node<T> {
                     // compared by checksum (`csum`).
                     let e = super::csum::split_at_eligibility(&link.csum.extents, s, e);
                     rs.cursor = e;
-                    rs.chunks += 1;
                     let start = s * BLOCK_SIZE;
                     let end = (e * BLOCK_SIZE).min(self.md.layout.data_size);
+                    rs.started(end - start);
                     self.pace.take(end - start);
                     let owner = self.next_id();
                     self.range_owner
@@ -112,7 +139,7 @@ impl<T> Node<T> {
 
     fn chunk_finished(&mut self, owner: u64, start: u64, end: u64) {
         if let Some(rs) = self.link.as_mut().and_then(|l| l.resync.as_mut()) {
-            rs.chunks = rs.chunks.saturating_sub(1);
+            rs.finished(end - start);
         }
         self.release_range(owner, start, end);
     }
