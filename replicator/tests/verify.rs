@@ -391,3 +391,51 @@ fn a_sync_target_clears_marks_only_when_a_flush_completes() {
         assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
     }
 }
+
+/// `[sync] rate` caps an online verify too: at 4 MiB/s (set with `adjust`
+/// after a fast initial sync), a 24 MiB verify advances at the cap, not
+/// at the speed of the (simulated) disks, and still finishes and finds
+/// a change.
+#[test]
+fn the_sync_rate_caps_an_online_verify() {
+    const MIB: u64 = 1 << 20;
+    const MS: u64 = 1_000_000;
+    const RATE: u64 = 4 * MIB;
+    let mut c = synced_pair(3, 24 * MIB);
+    c.nodes[1].disk.poke(20 * MIB + 5, &[0xee; 3]);
+    let a = c.command(
+        0,
+        Command::Adjust {
+            resync_rate: RATE,
+            max_buffers: 64,
+        },
+    );
+    c.settle();
+    ok(&c, a);
+    let v = c.command(0, Command::Verify);
+    c.settle();
+    let done = |c: &SimCluster| status(c, 0).sync.map(|s| s.done_bytes);
+    let first = done(&c).expect("verifying");
+    assert!(first <= RATE / 10, "{first} bytes verified with no time");
+    let mut now = 0;
+    let mut at = Vec::new();
+    while c.answer(v).is_none() {
+        now += 10 * MS;
+        assert!(now < 60_000 * MS, "not done after 60 s");
+        c.tick(now);
+        c.settle();
+        if let Some(d) = done(&c) {
+            at.push((now, d));
+        }
+    }
+    let got = |t: u64| at.iter().rfind(|(n, _)| *n <= t).unwrap().1;
+    let (from, to) = (1_000 * MS, 4_000 * MS);
+    let rate = (got(to) - got(from)) * 1_000 * MS / (to - from);
+    assert!(
+        rate.abs_diff(RATE) * 100 <= RATE * 5,
+        "verify at {rate} bytes/s with the cap at {RATE}"
+    );
+    let m = ok(&c, v);
+    assert!(m.contains("(4096 bytes) out of sync: 20971520+4096"), "{m}");
+    assert!(now >= 5_000 * MS, "24 MiB verified in {now} ns at 4 MiB/s");
+}

@@ -1190,6 +1190,7 @@ impl<T> Node<T> {
             }
         }
         self.pump();
+        self.verify_pump();
     }
 
     /// How often the driver should call [`Node::handle_tick`]: often while
@@ -1197,10 +1198,10 @@ impl<T> Node<T> {
     /// times a second for progress.
     pub fn tick_interval(&self) -> std::time::Duration {
         let pacing = !self.pace.unlimited()
-            && self
-                .link
-                .as_ref()
-                .is_some_and(|l| matches!(l.phase, Phase::SyncSource { .. }));
+            && self.link.as_ref().is_some_and(|l| {
+                matches!(l.phase, Phase::SyncSource { .. })
+                    || l.verify.as_ref().is_some_and(|v| v.source)
+            });
         if pacing {
             std::time::Duration::from_millis(10)
         } else {

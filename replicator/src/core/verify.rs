@@ -212,7 +212,7 @@ impl<T> Node<T> {
     }
 
     /// Source: start as many chunks as allowed; finish when all replied.
-    fn verify_pump(&mut self) {
+    pub(super) fn verify_pump(&mut self) {
         loop {
             let blocks = self.bitmap.blocks();
             let Some(v) = self.link.as_mut().and_then(|l| l.verify.as_mut()) else {
@@ -231,10 +231,19 @@ impl<T> Node<T> {
             if in_flight >= MAX_CHUNKS {
                 return;
             }
+            // `[sync] rate` caps verify too (as DRBD's resync controller
+            // paces `drbdadm verify`): it reads both disks end to end, and
+            // an administrator who capped the resync to spare the
+            // application wants the same from a verify.
+            if !self.pace.may_start() {
+                return;
+            }
+            let limit = self.pace.chunk_limit(BLOCK_SIZE, CHUNK_BLOCKS * BLOCK_SIZE) / BLOCK_SIZE;
             let s = v.cursor;
-            let e = (s + CHUNK_BLOCKS).min(blocks);
+            let e = (s + limit).min(blocks);
             v.cursor = e;
             let (start, end) = (s * BLOCK_SIZE, e * BLOCK_SIZE);
+            self.pace.take(end - start);
             let owner = self.next_id;
             self.next_id += 1;
             let v = self
