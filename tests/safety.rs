@@ -467,11 +467,12 @@ fn promote_drill(mode: &str, code: i32) {
 /// UpToDate, data (it cannot know whether the Primary wrote on): `primary`
 /// is refused without asking the handler (whose confirmation would prove
 /// only that the peer cannot write now, not that this copy has its last
-/// writes; docs/decisions.md), and `fence-confirm` (the operator powered
-/// the peer off and knows this copy is the one to keep) makes it UpToDate
-/// and promotable.
+/// writes; docs/decisions.md). `fence-confirm` states the same thing and
+/// does not change it either (docs/durability.md, invariant 28), not even
+/// after another restart; only `primary --force` declares this copy the
+/// good one.
 #[test]
-fn a_restarted_secondary_is_promoted_only_after_fence_confirm() {
+fn a_restarted_secondary_is_promoted_only_with_force() {
     let mut c = fenced_pair("resource-only", 4);
     release_handler(&c);
     c.kill("alpha");
@@ -483,10 +484,21 @@ fn a_restarted_secondary_is_promoted_only_after_fence_confirm() {
     assert!(out.stderr.starts_with("refused:"), "{out:?}");
     assert!(fence_calls(&c).is_empty(), "{:?}", fence_calls(&c));
     assert_eq!(c.field("beta", &["role"]), "Secondary");
-    c.repctl("beta", &["fence-confirm"]).ok();
-    assert_eq!(c.field("beta", &["disk"]), "UpToDate");
-    c.repctl("beta", &["primary"]).ok();
+    let out = c.repctl("beta", &["fence-confirm"]).ok();
+    assert!(out.stdout.contains("not UpToDate"), "{out:?}");
+    for restart in [false, true] {
+        if restart {
+            c.kill("beta");
+            c.start("beta");
+        }
+        assert_eq!(c.field("beta", &["disk"]), "Consistent");
+        let out = c.repctl("beta", &["primary"]);
+        assert_eq!(out.code, 3, "promoted after fence-confirm: {out:?}");
+        assert!(out.stderr.contains("--force"), "{out:?}");
+    }
+    c.repctl("beta", &["primary", "--force"]).ok();
     assert_eq!(c.field("beta", &["role"]), "Primary");
+    assert_eq!(c.field("beta", &["disk"]), "UpToDate");
 }
 
 macro_rules! fencing_drills {

@@ -566,15 +566,34 @@ fn a_rebooted_isolated_secondary_cannot_promote_itself() {
         Some(Answer::Command(Err(e))) => assert!(e.refused, "{e:?}"),
         other => panic!("{other:?}"),
     }
-    // fence-confirm after powering alpha off makes it UpToDate and promotable.
+    // Powering alpha off and confirming it (fence-confirm) proves only that
+    // alpha cannot write now, not that beta has alpha's last writes
+    // (durability.md, invariant 28): still Consistent, still refused, also
+    // after a restart; only --force takes it.
     c.crash(0);
     let f = c.command(1, Command::FenceConfirm);
     c.settle();
-    ok(&c, f);
-    assert_eq!(c.core(1).disk(), DiskState::UpToDate);
-    let p = c.command(1, Command::Primary { force: false });
+    let m = ok(&c, f);
+    assert!(m.contains("not UpToDate") && m.contains("--force"), "{m}");
+    for restart in [false, true] {
+        if restart {
+            c.crash(1);
+            c.start(1);
+        }
+        assert_eq!(c.core(1).disk(), DiskState::Consistent);
+        let p = c.command(1, Command::Primary { force: false });
+        c.settle();
+        match c.answer(p) {
+            Some(Answer::Command(Err(e))) => {
+                assert!(e.refused && e.message.contains("--force"), "{e:?}")
+            }
+            other => panic!("restart {restart}: {other:?}"),
+        }
+    }
+    let p = c.command(1, Command::Primary { force: true });
     c.settle();
     ok(&c, p);
+    assert_eq!(c.core(1).disk(), DiskState::UpToDate);
 }
 
 /// A Secondary that learned from the handshake that the peer has newer

@@ -182,11 +182,16 @@ impl<T> Node<T> {
     /// Fencing is confirmed: record that the peer is outdated, then do
     /// what waited for it.
     fn peer_fenced(&mut self, why: FenceFor) {
-        self.md.flags.set(MdFlags::PEER_OUT_DATED, true);
-        if self.disk == DiskState::Consistent {
-            // DRBD: Consistent becomes UpToDate once the peer is outdated.
-            self.md.flags.set(MdFlags::WAS_UP_TO_DATE, true);
-            self.set_disk(DiskState::UpToDate);
+        // Invariant 28 (docs/durability.md): fencing proves only that the
+        // peer cannot write now. The peer's copy is outdated only relative
+        // to UpToDate data here. A Consistent disk (this node restarted
+        // while the peer was away) may lack the peer's last writes, so it
+        // stays Consistent and nothing is recorded about the peer: DRBD
+        // makes it UpToDate here, and the simulation lost flushed writes
+        // that way (seed 941 through the handler, seed 60380 through
+        // `fence-confirm`). Only `primary --force` declares it the good copy.
+        if self.disk == DiskState::UpToDate {
+            self.md.flags.set(MdFlags::PEER_OUT_DATED, true);
         }
         let seq = self.persist();
         match why {
@@ -253,13 +258,14 @@ impl<T> Node<T> {
         }
         self.peer_fenced(FenceFor::LostPeer);
         let seq = self.md.sequence;
-        self.wait(
-            Need::Md(seq),
-            Deferred::CommandOk {
-                cmd,
-                message: "peer fencing confirmed by the operator",
-            },
-        );
+        let message = if self.disk == DiskState::UpToDate {
+            "peer fencing confirmed by the operator"
+        } else {
+            "peer fencing confirmed by the operator, but this disk is not UpToDate and may lack \
+             the peer's last writes: it stays as it is until a resync from the peer, or \
+             `repctl primary --force` declares it the good copy"
+        };
+        self.wait(Need::Md(seq), Deferred::CommandOk { cmd, message });
         Ok(())
     }
 }
