@@ -725,3 +725,57 @@ fn a_forced_promotion_of_uptodate_data_while_connected_keeps_the_generation() {
     assert!(matches!(c.answer(w), Some(Answer::Io(Ok(_)))));
     assert_ne!(c.core(0).superblock().generations.current, before.current);
 }
+
+/// Simulation seed 60380, replayed by hand (durability.md, invariant 28):
+/// beta, Primary, crashes with the link down; alpha takes over after
+/// `fence-confirm`, writes and flushes; beta restarts alone (Consistent,
+/// old generation); alpha crashes; the operator truthfully confirms on
+/// beta that alpha is off. beta must not become promotable over alpha's
+/// flushed write, and when alpha is back the resync runs from alpha.
+#[test]
+fn a_confirmed_peer_does_not_make_the_stale_old_primary_promotable() {
+    for seed in 0..10 {
+        let mut c = fenced_pair(seed, Fencing::ResourceAndStonith);
+        let s = c.command(0, Command::Secondary);
+        c.settle();
+        ok(&c, s);
+        let p = c.command(1, Command::Primary { force: false });
+        c.settle();
+        ok(&c, p);
+        c.partition();
+        while c.step_except_handlers() {}
+        c.crash(1);
+        for cmd in [Command::FenceConfirm, Command::Primary { force: false }] {
+            let k = c.command(0, cmd);
+            c.settle();
+            ok(&c, k);
+        }
+        let t = c.write(0, 40960, &[0x60; 4096], false);
+        c.settle();
+        io_ok(&c, t);
+        let f = c.client(0, ClientOp::Flush);
+        c.settle();
+        io_ok(&c, f);
+        c.start(1);
+        c.settle();
+        assert_eq!(c.core(1).disk(), DiskState::Consistent, "seed {seed}");
+        c.crash(0);
+        let k = c.command(1, Command::FenceConfirm);
+        c.settle();
+        ok(&c, k);
+        assert_eq!(c.core(1).disk(), DiskState::Consistent, "seed {seed}");
+        let p = c.command(1, Command::Primary { force: false });
+        c.settle();
+        assert!(
+            matches!(c.answer(p), Some(Answer::Command(Err(e))) if e.refused),
+            "seed {seed}: the stale copy was promoted: {:?}",
+            c.answer(p)
+        );
+        c.start(0);
+        c.heal();
+        c.settle();
+        assert_eq!(c.core(1).disk(), DiskState::UpToDate, "seed {seed}");
+        assert!(c.data(0) == c.data(1), "seed {seed}: data areas differ");
+        assert_eq!(&c.data(1)[40960..45056], &[0x60; 4096][..], "seed {seed}");
+    }
+}
