@@ -86,7 +86,9 @@ pub enum Cmd {
         clear_bitmap: bool,
     },
     /// State that the disconnected peer is powered off, so this node may
-    /// become Primary (and a suspended Primary resumes I/O).
+    /// become Primary (and a suspended Primary resumes I/O). A disk that is
+    /// not UpToDate may lack the peer's last writes: it still needs
+    /// `primary --force`.
     FenceConfirm,
     /// Online verify: compare every block with the peer by checksum
     /// (`verify-alg`), report and mark the blocks that differ; waits until
