@@ -779,3 +779,39 @@ fn a_confirmed_peer_does_not_make_the_stale_old_primary_promotable() {
         assert_eq!(&c.data(1)[40960..45056], &[0x60; 4096][..], "seed {seed}");
     }
 }
+
+/// `secondary` on one node then `primary` on the other at once (a cluster
+/// manager's switch-over): the promotion must not be refused because the
+/// demotion's state message is still on the wire. Whether the peer is
+/// Primary is the peer's to answer (it refuses while it is), so rule 1
+/// holds and the switch-over works.
+#[test]
+fn promotion_right_after_the_peer_demoted_is_granted_by_the_peer() {
+    for seed in 0..10 {
+        let mut c = synced_pair(seed);
+        // Still Primary: refused by alpha itself, naming the way out.
+        let p = c.command(1, Command::Primary { force: false });
+        c.settle();
+        match c.answer(p) {
+            Some(Answer::Command(Err(e))) => {
+                assert!(e.refused && e.message.contains("repctl secondary"), "{e:?}")
+            }
+            other => panic!("seed {seed}: {other:?}"),
+        }
+        let s = c.command(0, Command::Secondary);
+        // alpha does its part of the demotion; nothing reaches beta yet.
+        while c.complete_one(0) {}
+        assert_eq!(
+            c.core(1).peer_state().map(|(r, _)| r),
+            Some(Role::Primary),
+            "seed {seed}: beta's view is behind"
+        );
+        let p = c.command(1, Command::Primary { force: false });
+        c.settle();
+        ok(&c, s);
+        ok(&c, p);
+        assert_eq!(c.core(1).role(), Role::Primary, "seed {seed}");
+        assert_eq!(c.core(0).role(), Role::Secondary, "seed {seed}");
+        assert_eq!(c.core(0).connection(), ConnState::Connected, "seed {seed}");
+    }
+}

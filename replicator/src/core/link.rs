@@ -788,7 +788,11 @@ impl<T> Node<T> {
                 .any(|r| matches!(r, PeerReq::Promote { .. }))
         });
         let refusal = if self.role == Role::Primary {
-            Some(format!("node {} is Primary; demote it first", self.p.node))
+            Some(format!(
+                "the connected peer {} is Primary (two Primaries while connected are never allowed); \
+                 demote it with `repctl secondary` there first",
+                self.p.node
+            ))
         } else if my_pending && self.p.node < peer_name {
             Some(format!(
                 "node {} is being promoted at the same moment",

@@ -908,10 +908,16 @@ impl<T> Node<T> {
             return Ok(());
         }
         if let Some(link) = &self.link {
-            // Rule 1: never two Primaries while connected.
-            if link.peer.is_some_and(|p| p.role == Role::Primary) || link.peer_promoting {
+            // Rule 1: never two Primaries while connected. Whether the
+            // peer is Primary is the peer's to say: it answers the
+            // PromoteRequest below and refuses while it is Primary. Our
+            // view of its role can be behind (its demotion may be on the
+            // wire: `secondary` there, then `primary` here at once), so it
+            // is not used to refuse; a promotion we granted the peer is
+            // ours to know.
+            if link.peer_promoting {
                 return Err(CommandError::refused(format!(
-                    "the connected peer {} is Primary (two Primaries while connected are never allowed); \
+                    "the connected peer {} is being promoted (two Primaries while connected are never allowed); \
                      demote it with `repctl secondary` there first",
                     self.p.peer.as_deref().unwrap_or("?")
                 )));
