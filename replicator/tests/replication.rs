@@ -37,6 +37,17 @@ fn io_ok(c: &SimCluster, t: u64) {
     }
 }
 
+/// `primary` (not forced) on node `i` is refused by a safety rule; its
+/// message.
+fn promotion_refused(c: &mut SimCluster, i: usize, context: &str) -> String {
+    let p = c.command(i, Command::Primary { force: false });
+    c.settle();
+    match c.answer(p) {
+        Some(Answer::Command(Err(e))) if e.refused => e.message.clone(),
+        other => panic!("{context}: primary on node {i} was not refused: {other:?}"),
+    }
+}
+
 /// A pair after the initial full sync from alpha: both UpToDate, connected.
 fn synced_pair(seed: u64) -> SimCluster {
     let mut c = SimCluster::new(seed, SIZE, Fencing::DontCare);
@@ -250,12 +261,7 @@ fn interrupted_resync_resumes_and_completes() {
 #[test]
 fn promotion_is_refused_while_the_connected_peer_is_primary() {
     let mut c = synced_pair(4);
-    let id = c.command(1, Command::Primary { force: false });
-    c.settle();
-    match c.answer(id) {
-        Some(Answer::Command(Err(e))) => assert!(e.refused, "{e:?}"),
-        other => panic!("{other:?}"),
-    }
+    promotion_refused(&mut c, 1, "peer Primary");
     // Switch-over: demote alpha, then beta may become Primary.
     let d = c.command(0, Command::Secondary);
     c.settle();
@@ -560,12 +566,7 @@ fn a_rebooted_isolated_secondary_cannot_promote_itself() {
     }
     c.start(1);
     assert_eq!(c.core(1).disk(), DiskState::Consistent);
-    let p = c.command(1, Command::Primary { force: false });
-    c.settle();
-    match c.answer(p) {
-        Some(Answer::Command(Err(e))) => assert!(e.refused, "{e:?}"),
-        other => panic!("{other:?}"),
-    }
+    promotion_refused(&mut c, 1, "rebooted, isolated");
     // Powering alpha off and confirming it (fence-confirm) proves only that
     // alpha cannot write now, not that beta has alpha's last writes
     // (durability.md, invariant 28): still Consistent, still refused, also
@@ -581,14 +582,8 @@ fn a_rebooted_isolated_secondary_cannot_promote_itself() {
             c.start(1);
         }
         assert_eq!(c.core(1).disk(), DiskState::Consistent);
-        let p = c.command(1, Command::Primary { force: false });
-        c.settle();
-        match c.answer(p) {
-            Some(Answer::Command(Err(e))) => {
-                assert!(e.refused && e.message.contains("--force"), "{e:?}")
-            }
-            other => panic!("restart {restart}: {other:?}"),
-        }
+        let m = promotion_refused(&mut c, 1, &format!("fence-confirmed, restart {restart}"));
+        assert!(m.contains("--force"), "{m}");
     }
     let p = c.command(1, Command::Primary { force: true });
     c.settle();
@@ -626,12 +621,7 @@ fn a_secondary_that_learned_it_is_behind_stays_outdated_until_resynced() {
         c.crash(1);
         c.start(1);
         assert_eq!(c.core(1).disk(), DiskState::Outdated, "seed {seed}");
-        let p = c.command(1, Command::Primary { force: false });
-        c.settle();
-        match c.answer(p) {
-            Some(Answer::Command(Err(e))) => assert!(e.refused, "seed {seed}: {e:?}"),
-            other => panic!("seed {seed}: stale copy promoted: {other:?}"),
-        }
+        promotion_refused(&mut c, 1, &format!("seed {seed}: stale copy"));
     }
 }
 
@@ -764,13 +754,7 @@ fn a_confirmed_peer_does_not_make_the_stale_old_primary_promotable() {
         c.settle();
         ok(&c, k);
         assert_eq!(c.core(1).disk(), DiskState::Consistent, "seed {seed}");
-        let p = c.command(1, Command::Primary { force: false });
-        c.settle();
-        assert!(
-            matches!(c.answer(p), Some(Answer::Command(Err(e))) if e.refused),
-            "seed {seed}: the stale copy was promoted: {:?}",
-            c.answer(p)
-        );
+        promotion_refused(&mut c, 1, &format!("seed {seed}: stale old Primary"));
         c.start(0);
         c.heal();
         c.settle();
@@ -790,14 +774,8 @@ fn promotion_right_after_the_peer_demoted_is_granted_by_the_peer() {
     for seed in 0..10 {
         let mut c = synced_pair(seed);
         // Still Primary: refused by alpha itself, naming the way out.
-        let p = c.command(1, Command::Primary { force: false });
-        c.settle();
-        match c.answer(p) {
-            Some(Answer::Command(Err(e))) => {
-                assert!(e.refused && e.message.contains("repctl secondary"), "{e:?}")
-            }
-            other => panic!("seed {seed}: {other:?}"),
-        }
+        let m = promotion_refused(&mut c, 1, &format!("seed {seed}: alpha Primary"));
+        assert!(m.contains("repctl secondary"), "{m}");
         let s = c.command(0, Command::Secondary);
         // alpha does its part of the demotion; nothing reaches beta yet.
         while c.complete_one(0) {}
