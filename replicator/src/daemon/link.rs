@@ -342,9 +342,7 @@ async fn session(
                 // same): the acknowledgement leaves one thread hand-off
                 // sooner. With more buffered, the engine's threads take it
                 // and this task reads on.
-                m if reader.r.buffer().is_empty()
-                    && std::env::var_os("NO_SEC_INLINE").is_none() =>
-                {
+                m if reader.r.buffer().is_empty() => {
                     tandem_nbd::inline::allow(|| shared.peer_message(id, m))
                 }
                 m => shared.peer_message(id, m),
