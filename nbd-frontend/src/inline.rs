@@ -38,6 +38,11 @@ pub fn take() -> bool {
     ALLOWED.with(|a| a.replace(false))
 }
 
+/// Whether the hint is set on this thread, leaving it set.
+pub fn allowed() -> bool {
+    ALLOWED.with(|a| a.get())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,10 +51,13 @@ mod tests {
     fn the_hint_is_taken_once_and_only_inside_allow() {
         assert!(!take());
         allow(|| {
+            assert!(allowed());
             assert!(take());
+            assert!(!allowed());
             assert!(!take());
         });
         allow(|| {});
+        assert!(!allowed());
         assert!(!take());
     }
 }

@@ -7,8 +7,10 @@
 //! names, size, shared secret); a refused peer is logged with the reason
 //! and nothing reaches the core. An established link gets a reader task
 //! (frames in, checked, handed to the core; block data read straight into
-//! aligned buffers) and a writer task (the core's messages out, batched;
-//! a `Ping` when idle for `ping-interval`). No frame for `ping-timeout`
+//! aligned buffers) and a sending side, [`LinkOut`] (the core's messages
+//! out, written by the thread that queued them or, for runs of them and
+//! when the socket is full, by its writer task; a `Ping` when idle for
+//! `ping-interval`). No frame for `ping-timeout`
 //! declares the peer dead. Any framing error (bad crc, sequence, length)
 //! drops the link: nothing of a bad frame reaches the disk.
 
@@ -27,6 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::link_out::LinkOut;
 use super::shared::Shared;
 use crate::core::LinkCommand;
 
@@ -275,49 +278,16 @@ async fn session(
     };
     info!("peer link with {peer} established (protocol version {version})");
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
-    let pings = tx.clone();
-    shared.link_up(id, tx);
-    let ping_interval = settings.ping_interval;
-    let closing = cancel.clone();
-    let write_loop = async move {
-        loop {
-            let next = tokio::select! {
-                _ = closing.cancelled() => {
-                    // An orderly close: what the core queued before closing
-                    // (a final state, a Disconnect with the reason) still
-                    // reaches the peer before the FIN.
-                    while let Ok(m) = rx.try_recv() {
-                        if writer.send(&m).await.is_err() {
-                            break;
-                        }
-                    }
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        let _ = writer.flush().await;
-                        let _ = writer.w.shutdown().await;
-                    })
-                    .await;
-                    return "link closed".to_string();
-                }
-                r = tokio::time::timeout(ping_interval, rx.recv()) => r,
-            };
-            let first = match next {
-                Ok(Some(m)) => m,
-                Ok(None) => return "link closed".to_string(),
-                Err(_) => Message::Ping,
-            };
-            if let Err(e) = writer.send(&first).await {
-                return format!("sending to the peer failed: {e}");
-            }
-            while let Ok(m) = rx.try_recv() {
-                if let Err(e) = writer.send(&m).await {
-                    return format!("sending to the peer failed: {e}");
-                }
-            }
-            if let Err(e) = writer.flush().await {
-                return format!("sending to the peer failed: {e}");
-            }
-        }
+    let out = LinkOut::new(writer.w.into_inner(), writer.seq, shared.net.sent.clone());
+    shared.link_up(id, out.clone());
+    // The writer task only steps in when the socket is full, for the
+    // keepalive, and to close in order: every thread that queues a message
+    // writes it itself (`link_out`).
+    let mut write_task = {
+        let out = out.clone();
+        let closing = cancel.clone();
+        let ping_interval = settings.ping_interval;
+        tokio::spawn(async move { out.run(ping_interval, closing).await })
     };
     let timeout = settings.ping_timeout;
     let read_loop = async {
@@ -330,18 +300,16 @@ async fn session(
                 }
             };
             match msg {
-                Message::Ping => {
-                    let _ = pings.send(Message::PingAck);
-                }
+                Message::Ping => out.send(Message::PingAck),
                 Message::PingAck => {}
                 // Nothing more buffered: the Primary waits for this
                 // message's answer (a replicated write or FLUSH at queue
                 // depth 1). As for an NBD client's request, the storage may
                 // then do the I/O on this thread instead of waking its own
                 // (`tandem_nbd::inline`; only a hint, durability is the
-                // same): the acknowledgement leaves one thread hand-off
-                // sooner. With more buffered, the engine's threads take it
-                // and this task reads on.
+                // same), and the acknowledgement is written from here too:
+                // it leaves without a thread hand-off. With more buffered,
+                // the engine's threads take it and this task reads on.
                 m if reader.r.buffer().is_empty() => {
                     tandem_nbd::inline::allow(|| shared.peer_message(id, m))
                 }
@@ -349,16 +317,6 @@ async fn session(
             }
         }
     };
-    // The writer watches for the close (to flush first); the reader runs
-    // until the writer is done or the peer goes away.
-    // The writer is a task of its own, not a branch of one `select!` with
-    // the reader: while the reader applies a run of buffered messages (on a
-    // Secondary, writes done inline on this thread), the writer sends the
-    // acknowledgements of those already applied from the other worker
-    // thread instead of waiting for the run to end. Measured on the
-    // loopback pair (docs/benchmarks.md): QD1 write p50 165 -> 144 us
-    // (direct), 138 -> 112 us (buffered).
-    let mut write_task = tokio::spawn(write_loop);
     let reason = tokio::select! {
         r = &mut write_task => r.unwrap_or_else(|e| format!("the link writer failed: {e}")),
         r = read_loop => {

@@ -18,6 +18,7 @@
 mod control;
 mod export;
 mod link;
+mod link_out;
 mod logging;
 mod memory;
 mod shared;

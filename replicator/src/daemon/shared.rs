@@ -4,12 +4,14 @@
 //! Every input to the core goes through [`Shared::run`], which locks the
 //! core, applies the input and drains its outputs while still holding the
 //! lock. Two kinds of output are carried out right there: messages to the
-//! peer (handed to the current link's writer queue, so they reach the wire
+//! peer (queued on the current link's [`LinkOut`], so they reach the wire
 //! in exactly the order the core produced them, and only on the link the
 //! core believes is current) and events (so they see the state that
-//! produced them). Everything else runs *after* the lock is released:
-//! storage submissions in particular, since a completion may run
-//! synchronously and re-enter `run`.
+//! produced them). Everything else runs *after* the lock is released, in
+//! order, starting with writing the queued messages to the socket (so a
+//! replicated write's peer half is on its way before the local half, which
+//! the storage may do on this very thread, starts): storage submissions in
+//! particular, since a completion may run synchronously and re-enter `run`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,11 +21,18 @@ use std::time::Instant;
 use tandem_proto::peer::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::link_out::LinkOut;
 use crate::core::fencing::Handler;
 use crate::core::{Command, CommandError, Device, IoResult, LinkCommand, Node, Output};
 use crate::status::{EngineStatus, Status};
 use crate::storage::{Op, Storage};
 use tracing::{error, info, warn};
+
+thread_local! {
+    /// This thread writes queued link messages itself (see
+    /// [`Shared::execute_all`]).
+    static DIRECT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// How a client request's answer gets back to the waiting NBD task.
 pub type Token = oneshot::Sender<IoResult>;
@@ -32,17 +41,15 @@ pub struct Inner {
     pub core: Node<Token>,
     commands: HashMap<u64, oneshot::Sender<Result<String, CommandError>>>,
     next_command: u64,
-    /// The writer queue of the link the core is connected over, if any.
-    link_tx: Option<(u64, mpsc::UnboundedSender<Message>)>,
-    /// `collect` handed a message to the link's writer since `run` last
-    /// looked.
-    sent: bool,
+    /// The sending side of the link the core is connected over, if any.
+    link_tx: Option<(u64, Arc<LinkOut>)>,
 }
 
 /// Bytes sent and received on the peer link.
 #[derive(Default)]
 pub struct NetCounters {
-    pub sent: AtomicU64,
+    /// Shared with each link's sending side.
+    pub sent: Arc<AtomicU64>,
     pub received: AtomicU64,
 }
 
@@ -67,6 +74,8 @@ pub struct Shared {
 }
 
 enum Action {
+    /// Write the messages queued on a link.
+    Push(Arc<LinkOut>),
     Submit {
         id: u64,
         device: Device,
@@ -104,7 +113,6 @@ impl Shared {
                 commands: HashMap::new(),
                 next_command: 0,
                 link_tx: None,
-                sent: false,
             }),
             handlers,
             storage,
@@ -120,26 +128,13 @@ impl Shared {
 
     /// Apply one input to the core and carry out what it decides.
     pub fn run<R>(self: &Arc<Self>, f: impl FnOnce(&mut Node<Token>) -> R) -> R {
-        let (r, actions, sent) = {
+        let (r, actions) = {
             let mut inner = self.inner.lock().expect("core lock poisoned");
             let r = f(&mut inner.core);
             let actions = self.collect(&mut inner);
-            (r, actions, std::mem::take(&mut inner.sent))
+            (r, actions)
         };
-        if sent {
-            // The input sent the peer a message (a replicated write, the
-            // peer's half of a FLUSH). The link's writer task was just woken
-            // on this thread, and tokio runs it only once this thread
-            // returns to its scheduler; an op the storage would run here,
-            // blocking (`tandem_nbd::inline`), would delay the peer's half
-            // by the whole local write or fdatasync: the two halves would
-            // run in series, not in parallel. Hand the op to the engine's
-            // threads instead.
-            let _ = tandem_nbd::inline::take();
-        }
-        for action in actions {
-            self.execute(action);
-        }
+        self.execute_all(actions);
         r
     }
 
@@ -154,9 +149,7 @@ impl Shared {
             inner.core.handle_command(id, command);
             self.collect(&mut inner)
         };
-        for action in actions {
-            self.execute(action);
-        }
+        self.execute_all(actions);
         rx.await.unwrap_or_else(|_| {
             Err(CommandError {
                 refused: false,
@@ -166,16 +159,14 @@ impl Shared {
     }
 
     /// A link (number `id`) finished its handshake: make it the current one.
-    pub fn link_up(self: &Arc<Self>, id: u64, tx: mpsc::UnboundedSender<Message>) {
+    pub fn link_up(self: &Arc<Self>, id: u64, tx: Arc<LinkOut>) {
         let actions = {
             let mut inner = self.inner.lock().expect("core lock poisoned");
             inner.link_tx = Some((id, tx));
             inner.core.handle_link_up();
             self.collect(&mut inner)
         };
-        for action in actions {
-            self.execute(action);
-        }
+        self.execute_all(actions);
     }
 
     /// Link `id` ended. Ignored if the core already moved on from it.
@@ -189,9 +180,7 @@ impl Shared {
             inner.core.handle_link_down(reason);
             self.collect(&mut inner)
         };
-        for action in actions {
-            self.execute(action);
-        }
+        self.execute_all(actions);
     }
 
     /// A connection failed the link handshake; returns whether the reason
@@ -210,13 +199,12 @@ impl Shared {
             inner.core.handle_peer_message(msg);
             self.collect(&mut inner)
         };
-        for action in actions {
-            self.execute(action);
-        }
+        self.execute_all(actions);
     }
 
     fn collect(&self, inner: &mut Inner) -> Vec<Action> {
         let mut actions = Vec::new();
+        let mut queued = false;
         while let Some(out) = inner.core.poll_output() {
             match out {
                 Output::Submit { id, device, op } => {
@@ -230,9 +218,17 @@ impl Shared {
                 }
                 Output::Send(msg) => {
                     // In order, under the lock, to the current link only.
-                    if let Some((_, tx)) = &inner.link_tx {
-                        let _ = tx.send(msg);
-                        inner.sent = true;
+                    if let Some((_, out)) = &inner.link_tx {
+                        out.queue(msg);
+                        if !queued {
+                            // Written first thing once the lock is let go:
+                            // the peer's half of a write or FLUSH starts
+                            // before a local half that may run, blocking,
+                            // on this thread (`tandem_nbd::inline`), so the
+                            // two run in parallel, not in series.
+                            actions.insert(0, Action::Push(out.clone()));
+                            queued = true;
+                        }
                     }
                 }
                 Output::Link(cmd) => {
@@ -251,8 +247,40 @@ impl Shared {
         actions
     }
 
+    /// Carry out `actions` in order. Messages queued on the link are
+    /// written from this thread when it runs on behalf of a request that
+    /// someone waits for alone (the NBD connection's or the link reader's
+    /// [`tandem_nbd::inline`] hint, seen at the outermost call on this
+    /// thread; what runs inline beneath it inherits it): the
+    /// acknowledgement or the peer's half leaves without waking another
+    /// thread. Otherwise (a run of requests, completions on an engine
+    /// thread) the link's writer task is woken and writes them together:
+    /// one `writev` per run, not one per message, which at queue depth 32
+    /// would swamp the loopback with small segments (docs/benchmarks.md).
+    fn execute_all(self: &Arc<Self>, actions: Vec<Action>) {
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                DIRECT.set(self.0);
+            }
+        }
+        let outer = DIRECT.get();
+        let _restore = Restore(outer);
+        DIRECT.set(outer || tandem_nbd::inline::allowed());
+        for action in actions {
+            self.execute(action);
+        }
+    }
+
     fn execute(self: &Arc<Self>, action: Action) {
         match action {
+            Action::Push(out) => {
+                if DIRECT.get() {
+                    out.push()
+                } else {
+                    out.kick()
+                }
+            }
             Action::Submit { id, device, op } => {
                 let me = self.clone();
                 let storage = match device {
