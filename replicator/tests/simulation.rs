@@ -3,7 +3,8 @@
 //! random schedules of client writes and flushes, crashes and restarts,
 //! promotions with and without fencing or `--force`, demotions, and
 //! operator actions (`fence-confirm` on a powered-off peer, `connect
-//! --discard-my-data`). After every action:
+//! --discard-my-data`, online `verify` from either node, `adjust` of the
+//! requests allowed in flight). After every action:
 //!
 //! 1. never two Primaries while connected;
 //! 2. with `resource-and-stonith` and no rule broken by an operator
@@ -11,6 +12,9 @@
 //!    flushed is on whichever node is Primary now (no failover loses it);
 //! 3. divergence is detected: if both nodes hold answered writes the other
 //!    lacks when the link comes up, the link never ends in a resync;
+//! 4. an online verify run on the Primary, which the operator waited for,
+//!    reports no difference (connected UpToDate disks hold the same data,
+//!    and verify is exact there under client writes);
 //!
 //! and at the end, after healing, restarting and resolving, both nodes are
 //! connected with identical data areas.
@@ -24,6 +28,7 @@
 //! after every step.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tandem_replicator::config::Fencing;
 use tandem_replicator::core::states::{ConnState, DiskState, ReplState, Role};
@@ -31,6 +36,9 @@ use tandem_replicator::core::{ClientOp, Command};
 use tandem_replicator::sim::{Answer, SimCluster};
 
 const SIZE: u64 = 6 << 20;
+
+/// Mid-schedule online verifies that completed, over all schedules run.
+static VERIFIES_COMPLETED: AtomicU64 = AtomicU64::new(0);
 const BLOCK: u64 = 4096;
 
 /// xorshift for choosing actions (the cluster has its own generator).
@@ -308,11 +316,12 @@ fn schedule(c: &mut SimCluster, seed: u64, actions: u64) -> Result<(), String> {
     ][(seed % 3) as usize];
     let mut d = Dice(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut m = Model::default();
+    let mut verifies = Vec::new();
     c.command(0, Command::Primary { force: true });
     c.settle();
     check(c, &mut m, fencing)?;
     for _ in 0..actions {
-        let roll = d.below(100);
+        let roll = d.below(106);
         match roll {
             0..=34 => {
                 if let Some(p) = primary(c) {
@@ -371,6 +380,62 @@ fn schedule(c: &mut SimCluster, seed: u64, actions: u64) -> Result<(), String> {
                     c.command(i, Command::FenceConfirm);
                 }
             }
+            100..=102 => {
+                // Online verify from either node, whatever state it is in
+                // (refused unless connected to an UpToDate peer); it only
+                // marks blocks out of sync, which a resync then copies in
+                // the direction the generations decide.
+                let i = d.below(2) as usize;
+                if c.running(i) {
+                    let was_primary = c.core(i).role() == Role::Primary;
+                    let t = c.command(i, Command::Verify);
+                    verifies.push(t);
+                    // Half the time the operator waits for it (`repctl
+                    // verify` does), so that verifies also run to the end
+                    // while writes and flushes keep coming.
+                    if d.below(2) == 0 {
+                        for _ in 0..20_000 {
+                            if c.answer(t).is_some() {
+                                break;
+                            }
+                            if let Some(p) = primary(c)
+                                && d.below(50) == 0
+                            {
+                                write(c, &mut m, &mut d, p);
+                            }
+                            if !c.step() {
+                                break;
+                            }
+                            check(c, &mut m, fencing)?;
+                        }
+                        // Run on the Primary, verify is exact under client
+                        // writes (docs/durability.md, invariant 27), and
+                        // two connected UpToDate disks hold the same data.
+                        if was_primary
+                            && let Some(Answer::Command(Ok(msg))) = c.answer(t)
+                            && !msg.contains(": 0 blocks")
+                        {
+                            return Err(format!(
+                                "an online verify run on the Primary ({}) reported differences: {msg}",
+                                ["alpha", "beta"][i]
+                            ));
+                        }
+                    }
+                }
+            }
+            103..=104 => {
+                let i = d.below(2) as usize;
+                if c.running(i) {
+                    let max_buffers = [1, 2, 8, 64][d.below(4) as usize];
+                    c.command(
+                        i,
+                        Command::Adjust {
+                            resync_rate: 0,
+                            max_buffers,
+                        },
+                    );
+                }
+            }
             _ => {
                 // The operator resolves a split-brain by discarding a node.
                 if let Some(i) = (0..2).find(|&i| c.running(i) && c.core(i).split_brain()) {
@@ -397,6 +462,14 @@ fn schedule(c: &mut SimCluster, seed: u64, actions: u64) -> Result<(), String> {
         check(c, &mut m, fencing)?;
     }
     heal_all(c, &mut m, fencing)?;
+    // Mid-schedule verifies that ran to the end (the rest were refused or
+    // cut by a link loss or crash): the test asserts some did.
+    let completed = verifies
+        .iter()
+        .filter(|&&t| matches!(c.answer(t), Some(Answer::Command(Ok(_)))))
+        .count();
+    VERIFIES_COMPLETED.fetch_add(completed as u64, Ordering::Relaxed);
+
     // Online verify agrees with a byte-for-byte comparison of the data
     // areas (and finds nothing when the resync did its job).
     let blocks = c.data(0).len() as u64 / BLOCK;
@@ -574,5 +647,11 @@ fn random_schedules_keep_every_safety_invariant() {
         "{} failing schedule(s); replay one with TANDEM_SIM_SEED=<seed>:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+    let verifies = VERIFIES_COMPLETED.load(Ordering::Relaxed);
+    eprintln!("{schedules} schedules; {verifies} online verifies ran to completion mid-schedule");
+    assert!(
+        schedules < 100 || verifies > schedules / 20,
+        "only {verifies} mid-schedule verifies completed in {schedules} schedules: the schedules no longer exercise verify"
     );
 }
