@@ -12,9 +12,9 @@
 //!    flushed is on whichever node is Primary now (no failover loses it);
 //! 3. divergence is detected: if both nodes hold answered writes the other
 //!    lacks when the link comes up, the link never ends in a resync;
-//! 4. an online verify run on the Primary, which the operator waited for,
+//! 4. an online verify, from either node, which the operator waited for,
 //!    reports no difference (connected UpToDate disks hold the same data,
-//!    and verify is exact there under client writes);
+//!    and verify is exact under client writes);
 //!
 //! and at the end, after healing, restarting and resolving, both nodes are
 //! connected with identical data areas.
@@ -408,15 +408,15 @@ fn schedule(c: &mut SimCluster, seed: u64, actions: u64) -> Result<(), String> {
                             }
                             check(c, &mut m, fencing)?;
                         }
-                        // Run on the Primary, verify is exact under client
-                        // writes (docs/durability.md, invariant 27), and
-                        // two connected UpToDate disks hold the same data.
-                        if was_primary
-                            && let Some(Answer::Command(Ok(msg))) = c.answer(t)
+                        // Verify is exact under client writes, from either
+                        // node (docs/durability.md, invariant 27), and two
+                        // connected UpToDate disks hold the same data.
+                        if let Some(Answer::Command(Ok(msg))) = c.answer(t)
                             && !msg.contains(": 0 blocks")
                         {
                             return Err(format!(
-                                "an online verify run on the Primary ({}) reported differences: {msg}",
+                                "an online verify run on the {} ({}) reported differences: {msg}",
+                                if was_primary { "Primary" } else { "Secondary" },
                                 ["alpha", "beta"][i]
                             ));
                         }

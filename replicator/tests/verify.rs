@@ -200,6 +200,83 @@ fn verify_on_the_primary_under_client_writes_reports_no_false_difference() {
     }
 }
 
+/// Client writes on the Primary while the Secondary runs the verify: a
+/// block can reach the Primary's disk before the Secondary's read and the
+/// Secondary's after it. The Primary has every candidate read again while
+/// it holds the chunk (protocol 2): no false difference, and a real one
+/// (a byte changed behind Tandem's back) is still found, exactly.
+#[test]
+fn verify_on_the_secondary_under_client_writes_is_exact() {
+    let mut rechecks = 0;
+    for seed in 0..10 {
+        let mut c = synced_pair(200 + seed, SIZE);
+        // Changed behind Tandem's back, where no client write lands.
+        let poked = c.core(0).size() - BLOCK;
+        c.nodes[1].disk.poke(poked, &[0xa5; 1]);
+        let v = c.command(1, Command::Verify);
+        let mut tokens = Vec::new();
+        for k in 0..40u64 {
+            let off = (k * 7919 * BLOCK + seed * BLOCK) % (SIZE - 2 * 65536);
+            tokens.push(c.write(0, off, &[k as u8; 12288], false));
+            for _ in 0..(k % 5) {
+                c.step();
+            }
+        }
+        c.settle();
+        for t in tokens {
+            io_ok(&c, t);
+        }
+        let msg = ok(&c, v);
+        assert!(
+            msg.contains(" 1 blocks") && msg.contains(&format!("{poked}+4096")),
+            "seed {seed}: {msg}"
+        );
+        assert_eq!(c.core(0).bitmap().count(), 1);
+        assert_eq!(c.core(1).bitmap().count(), 1);
+        rechecks += c
+            .delivered
+            .get(&tandem_proto::peer::message::code::VERIFY_RECHECK)
+            .copied()
+            .unwrap_or(0);
+    }
+    // The poked block alone makes one per run; the writes make more.
+    assert!(rechecks > 10, "only {rechecks} rechecks in 10 runs");
+}
+
+/// A peer speaking protocol 1 knows no recheck: the Primary never sends
+/// one, and the verify still finds the real difference (it may also count
+/// blocks a client write changed meanwhile, as before protocol 2).
+#[test]
+fn a_protocol_1_peer_gets_no_verify_recheck() {
+    let mut c = synced_pair(9, SIZE);
+    c.link_version = 1;
+    let d = c.command(1, Command::Disconnect);
+    c.settle();
+    ok(&c, d);
+    let r = c.command(
+        1,
+        Command::Connect {
+            discard_my_data: false,
+        },
+    );
+    c.settle();
+    ok(&c, r);
+    assert_eq!(c.core(1).replication(), ReplState::Established);
+    c.nodes[1].disk.poke(5 * BLOCK, &[0xa5; 1]);
+    let v = c.command(1, Command::Verify);
+    c.settle();
+    let msg = ok(&c, v);
+    assert!(
+        msg.contains(" 1 blocks") && msg.contains("20480+4096"),
+        "{msg}"
+    );
+    assert_eq!(
+        c.delivered
+            .get(&tandem_proto::peer::message::code::VERIFY_RECHECK),
+        None
+    );
+}
+
 #[test]
 fn a_verify_cut_by_the_link_fails_keeps_its_findings_and_frees_its_ranges() {
     let mut c = synced_pair(7, SIZE);

@@ -345,6 +345,17 @@ mod tests {
                 differ: Bytes::from(vec![1u8]),
             },
             Message::VerifyDone { complete: true },
+            Message::VerifyRecheck {
+                offset: 1 << 20,
+                len: 8192,
+                alg: CSUM_ALG_CRC32,
+                sums: Bytes::from(vec![7u8; 8]),
+            },
+            Message::VerifyRecheckReply {
+                offset: 1 << 20,
+                len: 8192,
+                differ: Bytes::from(vec![2u8]),
+            },
         ]
     }
 

@@ -367,6 +367,31 @@ mod tests {
         );
     }
 
+    /// An older peer (a rolling upgrade): the link speaks the older
+    /// version, which the core then honours (no newer messages).
+    #[test]
+    fn an_older_peer_gets_its_own_version() {
+        let mut a = LinkHandshake::new(cfg("alpha", "beta", None), [1; 32]);
+        a.poll_send();
+        let h = Hello {
+            version_min: 1,
+            version_max: 1,
+            resource: "r0".into(),
+            node: "beta".into(),
+            peer: "alpha".into(),
+            size: 1 << 30,
+            protocol: b'C',
+            auth: false,
+            challenge: [2; 32],
+        };
+        const { assert!(PROTOCOL_MAX > 1) };
+        assert_eq!(a.handle(Message::Hello(h)).unwrap(), Progress::Continue);
+        assert_eq!(
+            a.handle(Message::Ready).unwrap(),
+            Progress::Established { version: 1 }
+        );
+    }
+
     #[test]
     fn no_common_version_is_refused() {
         let mut a = LinkHandshake::new(cfg("alpha", "beta", None), [1; 32]);

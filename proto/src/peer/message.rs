@@ -207,6 +207,23 @@ pub enum Message {
     VerifyDone {
         complete: bool,
     },
+    /// Verify target that is Primary (protocol 2): some blocks of a request
+    /// differed; here are its checksums of `offset .. offset + len`, read
+    /// while it holds the range against client writes. The source reads
+    /// again and answers with `VerifyRecheckReply`.
+    VerifyRecheck {
+        offset: u64,
+        len: u32,
+        alg: u8,
+        sums: Bytes,
+    },
+    /// Verify source (protocol 2): which blocks differ on the second read
+    /// (bitmask as in `CsumReply`).
+    VerifyRecheckReply {
+        offset: u64,
+        len: u32,
+        differ: Bytes,
+    },
 }
 
 /// Checksum algorithm codes in `CsumRequest` / `VerifyRequest`.
@@ -252,6 +269,9 @@ pub mod code {
     pub const VERIFY_REQUEST: u16 = 68;
     pub const VERIFY_REPLY: u16 = 69;
     pub const VERIFY_DONE: u16 = 70;
+    /// Protocol 2.
+    pub const VERIFY_RECHECK: u16 = 71;
+    pub const VERIFY_RECHECK_REPLY: u16 = 72;
 }
 
 /// Longest string field (reasons, names).
@@ -296,8 +316,8 @@ pub fn body_shape(kind: u16) -> Option<BodyShape> {
         RESYNC_ZERO => Fixed(8 + 4),
         RESYNC_ACK => Fixed(8 + 4 + 1),
         CSUM_EXTENTS => Variable(4 + MAX_CSUM_EXTENTS * 4),
-        CSUM_REQUEST | VERIFY_REQUEST => Variable(8 + 4 + 1 + 4 + MAX_SUMS),
-        CSUM_REPLY | VERIFY_REPLY => Variable(8 + 4 + 4 + MAX_SUMS),
+        CSUM_REQUEST | VERIFY_REQUEST | VERIFY_RECHECK => Variable(8 + 4 + 1 + 4 + MAX_SUMS),
+        CSUM_REPLY | VERIFY_REPLY | VERIFY_RECHECK_REPLY => Variable(8 + 4 + 4 + MAX_SUMS),
         VERIFY_START => Fixed(8),
         VERIFY_DONE => Fixed(1),
         _ => return None,
@@ -380,6 +400,8 @@ impl Message {
             Message::VerifyRequest { .. } => VERIFY_REQUEST,
             Message::VerifyReply { .. } => VERIFY_REPLY,
             Message::VerifyDone { .. } => VERIFY_DONE,
+            Message::VerifyRecheck { .. } => VERIFY_RECHECK,
+            Message::VerifyRecheckReply { .. } => VERIFY_RECHECK_REPLY,
         }
     }
 
@@ -506,6 +528,12 @@ impl Message {
                 len,
                 alg,
                 sums,
+            }
+            | Message::VerifyRecheck {
+                offset,
+                len,
+                alg,
+                sums,
             } => {
                 b.extend_from_slice(&offset.to_be_bytes());
                 b.extend_from_slice(&len.to_be_bytes());
@@ -520,6 +548,11 @@ impl Message {
                 differ,
             }
             | Message::VerifyReply {
+                offset,
+                len,
+                differ,
+            }
+            | Message::VerifyRecheckReply {
                 offset,
                 len,
                 differ,
@@ -662,43 +695,52 @@ impl Message {
                 }
                 Message::CsumExtents { extents }
             }
-            CSUM_REQUEST | VERIFY_REQUEST => {
+            CSUM_REQUEST | VERIFY_REQUEST | VERIFY_RECHECK => {
                 let offset = r.u64()?;
                 let len = r.u32()?;
                 let alg = r.u8()?;
                 let sums = get_blob(&mut r)?;
-                if kind == CSUM_REQUEST {
-                    Message::CsumRequest {
+                match kind {
+                    CSUM_REQUEST => Message::CsumRequest {
                         offset,
                         len,
                         alg,
                         sums,
-                    }
-                } else {
-                    Message::VerifyRequest {
+                    },
+                    VERIFY_REQUEST => Message::VerifyRequest {
                         offset,
                         len,
                         alg,
                         sums,
-                    }
+                    },
+                    _ => Message::VerifyRecheck {
+                        offset,
+                        len,
+                        alg,
+                        sums,
+                    },
                 }
             }
-            CSUM_REPLY | VERIFY_REPLY => {
+            CSUM_REPLY | VERIFY_REPLY | VERIFY_RECHECK_REPLY => {
                 let offset = r.u64()?;
                 let len = r.u32()?;
                 let differ = get_blob(&mut r)?;
-                if kind == CSUM_REPLY {
-                    Message::CsumReply {
+                match kind {
+                    CSUM_REPLY => Message::CsumReply {
                         offset,
                         len,
                         differ,
-                    }
-                } else {
-                    Message::VerifyReply {
+                    },
+                    VERIFY_REPLY => Message::VerifyReply {
                         offset,
                         len,
                         differ,
-                    }
+                    },
+                    _ => Message::VerifyRecheckReply {
+                        offset,
+                        len,
+                        differ,
+                    },
                 }
             }
             VERIFY_START => Message::VerifyStart {

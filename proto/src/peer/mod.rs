@@ -25,5 +25,7 @@ pub use message::{Extent, Message, PeerState};
 
 /// Oldest peer-link protocol version this build speaks.
 pub const PROTOCOL_MIN: u16 = 1;
-/// Newest peer-link protocol version this build speaks.
-pub const PROTOCOL_MAX: u16 = 1;
+/// Newest peer-link protocol version this build speaks. Version 2 adds
+/// `VerifyRecheck` / `VerifyRecheckReply` (exact online verify from the
+/// Secondary); a version 1 peer never receives them.
+pub const PROTOCOL_MAX: u16 = 2;

@@ -712,6 +712,9 @@ impl<T> Node<T> {
             Purpose::VerifyCompare { owner, start, end } => {
                 self.verify_compare_done(owner, start, end, result)
             }
+            Purpose::VerifyReread { id, start, end } => {
+                self.verify_reread_done(id, start, end, result)
+            }
         }
     }
 

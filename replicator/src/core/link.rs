@@ -105,7 +105,8 @@ impl<T> Node<T> {
     // ----- link up / down ---------------------------------------------------
 
     /// The link driver established a link (the link handshake passed).
-    pub fn handle_link_up(&mut self) {
+    /// A link came up speaking peer-link protocol `version`.
+    pub fn handle_link_up(&mut self, version: u16) {
         if self.conn == ConnState::StandAlone || self.stopping {
             self.outputs
                 .push_back(Output::Link(LinkCommand::StandAlone));
@@ -116,7 +117,7 @@ impl<T> Node<T> {
         }
         info!("connected to {}", self.p.peer.as_deref().unwrap_or("?"));
         // `Connected` once the handshake decided to keep the link (decide).
-        self.link = Some(Link::new());
+        self.link = Some(Link::new(version));
         self.last_error = None;
         self.send_state();
     }
@@ -344,6 +345,17 @@ impl<T> Node<T> {
                 differ,
             } => self.on_verify_reply(offset, len, differ),
             Message::VerifyDone { complete } => self.on_verify_done(complete),
+            Message::VerifyRecheck {
+                offset,
+                len,
+                alg,
+                sums,
+            } => self.on_verify_recheck(offset, len, alg, sums),
+            Message::VerifyRecheckReply {
+                offset,
+                len,
+                differ,
+            } => self.on_verify_recheck_reply(offset, len, differ),
             Message::ResyncDone => match phase {
                 Phase::SyncTarget => {
                     self.link.as_mut().expect("link").resync_done = true;

@@ -269,6 +269,13 @@ pub(super) enum Purpose<T> {
         start: u64,
         end: u64,
     },
+    /// Verify source: reading a chunk again for the target's recheck
+    /// (`id` tells it from a read of an earlier verify).
+    VerifyReread {
+        id: u64,
+        start: u64,
+        end: u64,
+    },
 }
 
 /// What a client write is waiting for.
@@ -390,11 +397,15 @@ pub(super) struct Link {
     pub csum: super::csum::CsumLink,
     /// An online verify in progress.
     pub verify: Option<super::verify::VerifyRun>,
+    /// The peer-link protocol version the link speaks (what the peer
+    /// understands: `tandem_proto::peer::PROTOCOL_MAX` of the older side).
+    pub version: u16,
 }
 
 impl Link {
-    pub fn new() -> Self {
+    pub fn new(version: u16) -> Self {
         Link {
+            version,
             peer: None,
             phase: Phase::AwaitState,
             next_req: 0,

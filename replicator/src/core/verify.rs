@@ -22,13 +22,18 @@
 //!
 //! Exactness (docs/durability.md, invariant 27): when the source is
 //! Primary it holds the chunk's range from before its read until the
-//! reply, so no client write can land between the two reads (a write in flight before finished on both disks:
-//! protocol C). When the target is Primary it takes the range when the
-//! request arrives, so a client write between the source's read and that
-//! moment can make a block look different: a false positive (the block is
-//! resynced needlessly, as DRBD's man page warns); a real difference is
-//! never missed, because replication writes every block to both nodes.
-//! Run verify on the Primary for an exact answer under load.
+//! reply, so no client write can land between the two reads (a write in
+//! flight before finished on both disks: protocol C). When the target is
+//! Primary it takes the range when the request arrives, so a client write
+//! between the source's read and that moment can make a block look
+//! different. With a protocol 2 peer the target then keeps the range,
+//! sends its own digests (`VerifyRecheck`), and the source reads the chunk
+//! again and answers which blocks still differ (`VerifyRecheckReply`):
+//! with the range held, both disks have every client write to it and no
+//! new one starts, so a block counts only if it differed both times. A
+//! real difference is never missed, because replication writes every
+//! block to both nodes. (A protocol 1 peer gets no recheck: false
+//! positives are possible there, as DRBD's man page warns.)
 
 use std::collections::HashMap;
 
@@ -68,6 +73,13 @@ pub(super) struct VerifyRun {
     pub sent: HashMap<u64, (u64, u64)>,
     /// Target: requests waiting for their range or read, by owner.
     pub compares: HashMap<u64, (Alg, Bytes)>,
+    /// Target (Primary): chunks whose blocks differed on the first compare,
+    /// held against client writes until the source's second read answers,
+    /// by offset: (owner, end, first bitmask).
+    pub rechecks: HashMap<u64, (u64, u64, Vec<u8>)>,
+    /// Source: chunks being read again for a recheck, by offset: the
+    /// read's id and the target's checksums.
+    pub rereads: HashMap<u64, (u64, Alg, Bytes)>,
     /// Differing block runs found so far (merged).
     pub found: Vec<(u64, u64)>,
     pub found_blocks: u64,
@@ -85,6 +97,8 @@ impl VerifyRun {
             reading: HashMap::new(),
             sent: HashMap::new(),
             compares: HashMap::new(),
+            rechecks: HashMap::new(),
+            rereads: HashMap::new(),
             found: Vec::new(),
             found_blocks: 0,
         }
@@ -398,28 +412,54 @@ impl<T> Node<T> {
         end: u64,
         result: Result<Done, StorageError>,
     ) {
-        self.free_range(owner, start, end);
         let Some((alg, sums)) = self
             .link
             .as_mut()
             .and_then(|l| l.verify.as_mut())
             .and_then(|v| v.compares.remove(&owner))
         else {
-            return;
+            return self.free_range(owner, start, end);
         };
         let n = (end - start).div_ceil(BLOCK_SIZE);
-        let mask = match result {
-            Ok(Done::Read(data)) => differing(alg, &data, &sums),
-            Ok(_) => None,
+        let (mask, data) = match result {
+            Ok(Done::Read(data)) => (differing(alg, &data, &sums), data),
+            Ok(_) => (None, Bytes::new()),
             Err(e) => {
+                self.free_range(owner, start, end);
                 let code = self.io_error(e);
                 return self
                     .verify_abort(&format!("reading this node's disk failed ({code})"), true);
             }
         };
         let Some(mask) = mask else {
+            self.free_range(owner, start, end);
             return self.verify_abort("this node read a chunk of the wrong size", true);
         };
+        // Exactness from the Secondary (docs/durability.md, invariant 27):
+        // a client write can have reached this Primary's disk and not yet
+        // the source's when it read, so a difference is only a candidate.
+        // This node keeps the range (every earlier client write to it has
+        // completed on both disks, protocol C, and no new one starts) and
+        // has the source read again against its checksums.
+        let recheck = mask.iter().any(|&b| b != 0)
+            && self.role == super::states::Role::Primary
+            && self.link.as_ref().is_some_and(|l| l.version >= 2);
+        if recheck {
+            let v = self
+                .link
+                .as_mut()
+                .and_then(|l| l.verify.as_mut())
+                .expect("compares belong to a verify");
+            v.rechecks.insert(start, (owner, end, mask));
+            self.send(Message::VerifyRecheck {
+                offset: start,
+                len: (end - start) as u32,
+                alg: alg.code(),
+                sums: Bytes::from(block_sums(alg, &data)),
+            });
+            return;
+        }
+        self.free_range(owner, start, end);
         self.verify_mark(start, n, &mask);
         self.send(Message::VerifyReply {
             offset: start,
@@ -453,6 +493,124 @@ impl<T> Node<T> {
                 self.event("verify");
             }
         }
+    }
+
+    /// Source: the target (Primary) holds the chunk and wants it compared
+    /// again against its checksums; read it once more.
+    pub(super) fn on_verify_recheck(
+        &mut self,
+        offset: u64,
+        len: u32,
+        alg: u8,
+        sums: Bytes,
+    ) -> Result<(), String> {
+        let alg = Alg::from_code(alg).ok_or("unknown checksum algorithm")?;
+        let Some(v) = self.link.as_mut().and_then(|l| l.verify.as_mut()) else {
+            return Ok(()); // stopped here already; the target hears VerifyDone
+        };
+        if !v.source {
+            return Err("verify recheck while this node is VerifyTarget".into());
+        }
+        let Some(&(_, end)) = v.sent.get(&offset) else {
+            return Err(format!("verify recheck for unknown offset {offset}"));
+        };
+        let n = u64::from(len).div_ceil(BLOCK_SIZE);
+        if end - offset != u64::from(len)
+            || sums.len() as u64 != n * alg.digest_len() as u64
+            || v.rereads.contains_key(&offset)
+        {
+            return Err("verify recheck does not match its request".into());
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let v = self
+            .link
+            .as_mut()
+            .and_then(|l| l.verify.as_mut())
+            .expect("checked above");
+        v.rereads.insert(offset, (id, alg, sums));
+        self.submit(
+            Device::Data,
+            Op::Read {
+                offset,
+                len: len as usize,
+            },
+            Purpose::VerifyReread {
+                id,
+                start: offset,
+                end,
+            },
+        );
+        Ok(())
+    }
+
+    /// Source: the second read of a chunk is done; tell the target which
+    /// blocks still differ.
+    pub(super) fn verify_reread_done(
+        &mut self,
+        id: u64,
+        start: u64,
+        end: u64,
+        result: Result<Done, StorageError>,
+    ) {
+        let Some(v) = self.link.as_mut().and_then(|l| l.verify.as_mut()) else {
+            return; // the verify ended meanwhile
+        };
+        if v.rereads.get(&start).is_none_or(|r| r.0 != id) {
+            return; // a read for a verify that ended
+        }
+        let (_, alg, sums) = v.rereads.remove(&start).expect("checked");
+        let mask = match result {
+            Ok(Done::Read(data)) => differing(alg, &data, &sums),
+            Ok(_) => None,
+            Err(e) => {
+                let code = self.io_error(e);
+                return self
+                    .verify_abort(&format!("reading this node's disk failed ({code})"), true);
+            }
+        };
+        let Some(mask) = mask else {
+            return self.verify_abort("this node read a chunk of the wrong size", true);
+        };
+        self.send(Message::VerifyRecheckReply {
+            offset: start,
+            len: (end - start) as u32,
+            differ: Bytes::from(mask),
+        });
+    }
+
+    /// Target: the source's second read answered. A block differs only if
+    /// it differed both times; mark, release the chunk, answer.
+    pub(super) fn on_verify_recheck_reply(
+        &mut self,
+        offset: u64,
+        len: u32,
+        differ: Bytes,
+    ) -> Result<(), String> {
+        let Some(v) = self.link.as_mut().and_then(|l| l.verify.as_mut()) else {
+            return Ok(());
+        };
+        let Some((owner, end, first)) = v.rechecks.remove(&offset) else {
+            return Err(format!("verify recheck reply for unknown offset {offset}"));
+        };
+        let n = u64::from(len).div_ceil(BLOCK_SIZE);
+        if end - offset != u64::from(len) || differ.len() != first.len() {
+            self.free_range(owner, offset, end);
+            return Err("verify recheck reply does not match its request".into());
+        }
+        let mask: Vec<u8> = first
+            .iter()
+            .zip(differ.iter())
+            .map(|(a, b)| a & b)
+            .collect();
+        self.free_range(owner, offset, end);
+        self.verify_mark(offset, n, &mask);
+        self.send(Message::VerifyReply {
+            offset,
+            len,
+            differ: Bytes::from(mask),
+        });
+        Ok(())
     }
 
     /// Source: the target compared a chunk.
@@ -524,6 +682,9 @@ impl<T> Node<T> {
     /// will get no answer.
     pub(super) fn verify_ended(&mut self, run: VerifyRun, complete: bool, reason: Option<String>) {
         for (&offset, &(owner, end)) in &run.sent {
+            self.free_range(owner, offset, end);
+        }
+        for (&offset, &(owner, end, _)) in &run.rechecks {
             self.free_range(owner, offset, end);
         }
         let status = run.status(false, complete);

@@ -279,7 +279,7 @@ async fn session(
     info!("peer link with {peer} established (protocol version {version})");
 
     let out = LinkOut::new(writer.w.into_inner(), writer.seq, shared.net.sent.clone());
-    shared.link_up(id, out.clone());
+    shared.link_up(id, out.clone(), version);
     // The writer task only steps in when the socket is full, for the
     // keepalive, and to close in order: every thread that queues a message
     // writes it itself (`link_out`).

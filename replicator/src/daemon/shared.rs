@@ -159,11 +159,11 @@ impl Shared {
     }
 
     /// A link (number `id`) finished its handshake: make it the current one.
-    pub fn link_up(self: &Arc<Self>, id: u64, tx: Arc<LinkOut>) {
+    pub fn link_up(self: &Arc<Self>, id: u64, tx: Arc<LinkOut>, version: u16) {
         let actions = {
             let mut inner = self.inner.lock().expect("core lock poisoned");
             inner.link_tx = Some((id, tx));
-            inner.core.handle_link_up();
+            inner.core.handle_link_up(version);
             self.collect(&mut inner)
         };
         self.execute_all(actions);

@@ -69,6 +69,11 @@ pub struct SimCluster {
     next_token: u64,
     /// A trace of what happened, for failure reports.
     pub trace: Vec<String>,
+    /// The peer-link protocol version links come up with (the newest by
+    /// default; lower to play an older peer).
+    pub link_version: u16,
+    /// Messages delivered, by type code.
+    pub delivered: HashMap<u16, u64>,
 }
 
 /// Fresh metadata on a zeroed disk, as `create-md` writes it.
@@ -161,6 +166,8 @@ impl SimCluster {
             answers: HashMap::new(),
             next_token: 1,
             trace: Vec::new(),
+            link_version: tandem_proto::peer::PROTOCOL_MAX,
+            delivered: HashMap::new(),
         };
         c.start(0);
         c.start(1);
@@ -265,7 +272,7 @@ impl SimCluster {
                 .core
                 .as_mut()
                 .expect("running")
-                .handle_link_up();
+                .handle_link_up(self.link_version);
         }
         self.drain(0);
         self.drain(1);
@@ -428,6 +435,7 @@ impl SimCluster {
             return false;
         };
         let j = 1 - i;
+        *self.delivered.entry(msg.code()).or_default() += 1;
         self.nodes[j]
             .core
             .as_mut()
