@@ -184,3 +184,46 @@ fn adjusting_the_rate_mid_resync_takes_effect_at_once() {
     assert_eq!(c.core(1).disk(), DiskState::UpToDate);
     assert!(c.data(0) == c.data(1));
 }
+
+/// With `max-buffers = 1`, the one buffer can be taken by another request
+/// (a replicated flush) just when the resync is ready to start:
+/// the resync starts when that request is answered, it does not wait for
+/// a later event that may never come.
+#[test]
+fn a_resync_starts_once_a_busy_single_buffer_frees_up() {
+    for seed in 0..40 {
+        let mut c = SimCluster::new(seed, 8 * MIB, Fencing::DontCare);
+        for i in 0..2 {
+            let a = c.command(
+                i,
+                Command::Adjust {
+                    resync_rate: 0,
+                    max_buffers: 1,
+                },
+            );
+            c.settle();
+            assert!(matches!(c.answer(a), Some(Answer::Command(Ok(_)))));
+        }
+        promote(&mut c);
+        c.heal();
+        assert!(c.try_connect());
+        // Client flushes (nothing else) while the handshake and the
+        // resync get going: one of them may hold the buffer when the
+        // resync is ready.
+        for _ in 0..3 {
+            c.client(0, tandem_replicator::core::ClientOp::Flush);
+            for _ in 0..(seed % 5) {
+                c.step();
+            }
+        }
+        c.settle();
+        assert_eq!(
+            c.core(1).disk(),
+            DiskState::UpToDate,
+            "seed {seed}: {:?} / {:?}",
+            c.core(0).replication(),
+            c.core(1).replication()
+        );
+        assert!(c.data(0) == c.data(1), "seed {seed}");
+    }
+}

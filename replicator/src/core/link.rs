@@ -407,7 +407,10 @@ impl<T> Node<T> {
             .reqs
             .remove(&id)
             .ok_or_else(|| format!("answer to unknown request {id}"))?;
-        self.resume(); // a buffer is free
+        // A buffer is free (`max-buffers`): blocked writes and resync
+        // chunks may start.
+        self.resume();
+        self.pump();
         Ok(r)
     }
 
