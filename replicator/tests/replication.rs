@@ -764,6 +764,54 @@ fn a_confirmed_peer_does_not_make_the_stale_old_primary_promotable() {
     }
 }
 
+/// resource-and-stonith: the Primary loses its peer with a write in
+/// flight and suspends; the peer is forced Primary and writes; the fence
+/// handler finds it Primary (exit 6) and outdates the old Primary's disk;
+/// the operator then confirms fencing anyway, so the held write is
+/// answered. Both now hold answered writes the other lacks: the next
+/// handshake must report split-brain, not resync over either. (Before, the
+/// Outdated Primary skipped its new generation and looked merely behind:
+/// simulation seed 6548.)
+#[test]
+fn a_held_write_answered_on_an_outdated_primary_is_still_divergence() {
+    for seed in 0..20 {
+        let mut c = fenced_pair(seed, Fencing::ResourceAndStonith);
+        let held = c.write(0, 0, &[0x11; 4096], false);
+        c.step();
+        c.partition();
+        while c.step_except_handlers() {}
+        assert!(c.status(0).io_suspended, "seed {seed}");
+        let p = c.command(1, Command::Primary { force: true });
+        while c.step_except_handlers() {}
+        ok(&c, p);
+        let theirs = c.write(1, 65536, &[0x22; 4096], false);
+        while c.step_except_handlers() {}
+        io_ok(&c, theirs);
+        // Alpha's fence-peer finds beta Primary: exit 6.
+        while c.finish_handler(0) {}
+        while c.step_except_handlers() {}
+        assert_eq!(c.core(0).disk(), DiskState::Outdated, "seed {seed}");
+        let k = c.command(0, Command::FenceConfirm);
+        while c.step_except_handlers() {}
+        ok(&c, k);
+        io_ok(&c, held);
+        assert_eq!(&c.data(0)[..4096], &[0x11; 4096][..], "seed {seed}");
+        let s = c.command(1, Command::Secondary);
+        while c.step_except_handlers() {}
+        ok(&c, s);
+        c.heal();
+        c.settle();
+        assert!(
+            c.core(0).split_brain() && c.core(1).split_brain(),
+            "seed {seed}: {:?} / {:?}",
+            c.core(0).replication(),
+            c.core(1).replication()
+        );
+        assert_eq!(&c.data(0)[..4096], &[0x11; 4096][..], "seed {seed}");
+        assert_eq!(&c.data(1)[65536..69632], &[0x22; 4096][..], "seed {seed}");
+    }
+}
+
 /// `secondary` on one node then `primary` on the other at once (a cluster
 /// manager's switch-over): the promotion must not be refused because the
 /// demotion's state message is still on the wire. Whether the peer is

@@ -127,10 +127,18 @@ impl<T> Node<T> {
 
     /// Losing the peer while Primary starts a new generation (DRBD), so
     /// the peer's copy is recognisably older; it is durable before any
-    /// write the peer does not get is submitted (`degraded_seq`).
+    /// write the peer does not get is submitted or answered
+    /// (`degraded_seq`). Also on a disk that fence-peer outdated (exit 6)
+    /// before `fence-confirm` resumed its held writes: those writes are
+    /// answered, the peer lacks them, and without a new generation the
+    /// next handshake would take this node for merely behind and resync
+    /// over them instead of reporting split-brain (simulation, seed 6548).
     pub(super) fn rotate_for_lost_peer(&mut self) {
         if self.role == Role::Primary
-            && self.disk == DiskState::UpToDate
+            && matches!(
+                self.disk,
+                DiskState::UpToDate | DiskState::Outdated | DiskState::Consistent
+            )
             && !self.md.flags.has(MdFlags::CURRENT_UNSHARED)
         {
             self.new_current_generation();

@@ -430,10 +430,17 @@ impl<T> Node<T> {
         }
         if write.peer == PeerPart::Lost {
             // The peer may not have it: its marks (lose_peer_half) are
-            // durable before the client hears it succeeded.
+            // durable before the client hears it succeeded, and so is the
+            // new generation of a Primary that lost its peer
+            // (`rotate_for_lost_peer`): a crash right after the answer must
+            // not leave the write under the generation the peer shares.
             write.stage = Stage::Finishing;
             let (s, e) = Bitmap::blocks_of(write.start, write.end - write.start);
-            let need = self.pages_need(s, e);
+            let need = if self.md_durable < self.degraded_seq {
+                Need::Everything(self.degraded_seq)
+            } else {
+                self.pages_need(s, e)
+            };
             self.wait(need, Deferred::FinishWrite { w });
             return;
         }
