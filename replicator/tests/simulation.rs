@@ -23,7 +23,8 @@
 //! `TANDEM_SIM_BASE` the first seed, `TANDEM_SIM_ACTIONS` the actions per
 //! schedule (120); `TANDEM_SIM_SEED` replays one. Every failure prints its
 //! seed. Debugging a replay: `TANDEM_SIM_TRACE[=lines]` prints the logs and
-//! the schedule's last actions, `TANDEM_SIM_WATCH=<block>` follows one
+//! the schedule's last actions (with `TANDEM_SIM_MESSAGES=1`, every message
+//! delivered too), `TANDEM_SIM_WATCH=<block>` follows one
 //! block on both nodes, `TANDEM_SIM_DUMP=<node>` prints a node's core state
 //! after every step.
 
@@ -635,7 +636,14 @@ fn random_schedules_keep_every_safety_invariant() {
     let base = env("TANDEM_SIM_BASE").unwrap_or(0);
     let mut failures = Vec::new();
     for seed in base..base + schedules {
-        if let Err(e) = run(seed, actions) {
+        let started = std::time::Instant::now();
+        let result = run(seed, actions);
+        // A schedule normally takes milliseconds; a slow one is worth a
+        // look (a livelock makes `heal_all` run out its step budget).
+        if started.elapsed() > std::time::Duration::from_secs(5) {
+            eprintln!("seed {seed} took {:?}", started.elapsed());
+        }
+        if let Err(e) = result {
             failures.push(format!("seed {seed}: {e}"));
             if failures.len() >= 5 {
                 break;

@@ -522,7 +522,7 @@ impl<T> Node<T> {
     /// back and keep their marks (reads in flight release theirs when they
     /// complete).
     pub(super) fn csum_link_lost(&mut self, csum: CsumLink) {
-        for (start, chunk) in csum.chunks {
+        for (start, chunk) in super::link::sorted(csum.chunks) {
             self.release_range(chunk.owner, start, chunk.end);
         }
     }

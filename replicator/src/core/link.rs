@@ -183,7 +183,10 @@ impl<T> Node<T> {
             self.bitmap.set(s, e);
         }
         // Resync chunks the peer did not acknowledge keep their marks.
-        for (start, owner) in link.resync_sent {
+        // (Hash maps are walked in key order here and below: what a lost
+        // link releases and answers, and in which order, must follow from
+        // the inputs alone, or a simulation seed would not replay.)
+        for (start, owner) in sorted(link.resync_sent) {
             if let Some(super::node::RangeOwner::Resync { end, .. }) =
                 self.range_owner.get(&owner).copied()
             {
@@ -206,7 +209,7 @@ impl<T> Node<T> {
         // A sync target keeps the progress made so far.
         self.checkpoint();
         self.event("connection");
-        for (_, req) in link.reqs {
+        for (_, req) in sorted(link.reqs) {
             match req {
                 PeerReq::Write { w } => self.peer_write_lost(w),
                 PeerReq::Flush { f: Some(f) } => self.peer_flush_lost(f),
@@ -1012,4 +1015,11 @@ impl<T> Node<T> {
         let seq = self.persist();
         self.wait(Need::Everything(seq), Deferred::SendState);
     }
+}
+
+/// The entries of `map` in key order.
+pub(super) fn sorted<K: Ord, V>(map: std::collections::HashMap<K, V>) -> Vec<(K, V)> {
+    let mut v: Vec<(K, V)> = map.into_iter().collect();
+    v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    v
 }

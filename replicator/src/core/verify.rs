@@ -681,10 +681,19 @@ impl<T> Node<T> {
     /// Report a verify that ended; release the ranges of requests that
     /// will get no answer.
     pub(super) fn verify_ended(&mut self, run: VerifyRun, complete: bool, reason: Option<String>) {
-        for (&offset, &(owner, end)) in &run.sent {
-            self.free_range(owner, offset, end);
-        }
-        for (&offset, &(owner, end, _)) in &run.rechecks {
+        // In key order, so a simulation seed replays (see `link_lost`).
+        let mut held: Vec<(u64, u64, u64)> = run
+            .sent
+            .iter()
+            .map(|(&offset, &(owner, end))| (offset, owner, end))
+            .chain(
+                run.rechecks
+                    .iter()
+                    .map(|(&offset, &(owner, end, _))| (offset, owner, end)),
+            )
+            .collect();
+        held.sort_unstable();
+        for (offset, owner, end) in held {
             self.free_range(owner, offset, end);
         }
         let status = run.status(false, complete);

@@ -436,6 +436,11 @@ impl SimCluster {
         };
         let j = 1 - i;
         *self.delivered.entry(msg.code()).or_default() += 1;
+        if std::env::var_os("TANDEM_SIM_MESSAGES").is_some() {
+            let mut text = format!("{msg:?}");
+            text.truncate(120);
+            self.log(format!("deliver {} -> {}: {text}", NAMES[i], NAMES[j]));
+        }
         self.nodes[j]
             .core
             .as_mut()
