@@ -812,6 +812,44 @@ fn a_held_write_answered_on_an_outdated_primary_is_still_divergence() {
     }
 }
 
+/// Two promotions crossing on the wire, started at every offset of each
+/// other: at most one node ends Primary while they are connected. (The
+/// grantor of the first used to forget it had granted when the requester's
+/// earlier state message arrived, and the requester, granted but not yet
+/// Primary, granted the second: simulation seed 50943.)
+#[test]
+fn crossing_promotions_never_make_two_primaries() {
+    let mut both_tried = 0;
+    for seed in 0..120 {
+        let mut c = synced_pair(seed);
+        // A switch-over: alpha demotes and promotes again at once (its
+        // demotion's state message still on the wire), beta promotes too.
+        let s = c.command(0, Command::Secondary);
+        for _ in 0..(seed % 4) {
+            c.step();
+        }
+        let a = c.command(0, Command::Primary { force: false });
+        for _ in 0..(seed / 4 % 10) {
+            c.step();
+        }
+        let b = c.command(1, Command::Primary { force: false });
+        c.settle();
+        ok(&c, s);
+        let primaries = (0..2)
+            .filter(|&i| c.core(i).role() == Role::Primary)
+            .count();
+        assert!(
+            primaries <= 1 || !c.link,
+            "seed {seed}: two Primaries while connected\n{:#?}",
+            c.trace
+        );
+        if c.answer(a).is_some() && c.answer(b).is_some() {
+            both_tried += 1;
+        }
+    }
+    assert_eq!(both_tried, 120);
+}
+
 /// `secondary` on one node then `primary` on the other at once (a cluster
 /// manager's switch-over): the promotion must not be refused because the
 /// demotion's state message is still on the wire. Whether the peer is

@@ -805,11 +805,22 @@ impl<T> Node<T> {
                 .values()
                 .any(|r| matches!(r, PeerReq::Promote { .. }))
         });
-        let refusal = if self.role == Role::Primary {
+        // Invariant 17: a node that is Primary, or becoming Primary (its
+        // own promotion granted or fencing confirmed, the superblock not yet
+        // durable), never grants; without the second condition two
+        // promotions crossing on the wire both succeeded once the grantor's
+        // stale state message had cleared `peer_promoting` on the other
+        // side (simulation, seed 50943).
+        let refusal = if self.role == Role::Primary || self.promoting {
             Some(format!(
-                "the connected peer {} is Primary (two Primaries while connected are never allowed); \
+                "the connected peer {} is {} (two Primaries while connected are never allowed); \
                  demote it with `repctl secondary` there first",
-                self.p.node
+                self.p.node,
+                if self.role == Role::Primary {
+                    "Primary"
+                } else {
+                    "becoming Primary"
+                }
             ))
         } else if my_pending && self.p.node < peer_name {
             Some(format!(
@@ -831,6 +842,7 @@ impl<T> Node<T> {
     }
 
     pub(super) fn became_primary(&mut self, cmd: u64, connected: bool, result: Result<(), String>) {
+        self.promoting = false;
         match result {
             // The peer granted the promotion, but the link went before the
             // superblock was durable (docs/durability.md, invariant 25):
@@ -847,6 +859,20 @@ impl<T> Node<T> {
                     cmd,
                     Err(CommandError::failed(
                         "the link to the peer was lost during the promotion; retry",
+                    )),
+                );
+            }
+            // The reverse: a promotion decided without a peer, and a link
+            // came up before the superblock was durable. The peer never
+            // agreed; becoming Primary now could make two Primaries on a
+            // connected link. Fail it; a retry asks the peer.
+            Ok(()) if !connected && self.link.is_some() => {
+                self.md.flags.set(MdFlags::PRIMARY_IND, false);
+                self.persist();
+                self.command_done(
+                    cmd,
+                    Err(CommandError::failed(
+                        "the peer connected during the promotion; retry (the peer now decides)",
                     )),
                 );
             }

@@ -528,6 +528,10 @@ pub struct Node<T> {
     /// Superblock sequence that must be durable before writes the peer
     /// does not get (a generation rotation).
     pub(super) degraded_seq: u64,
+    /// A promotion was decided (granted by the connected peer, or fencing
+    /// confirmed) and waits for its superblock: the node is becoming
+    /// Primary and refuses the peer's promotion (invariant 17).
+    pub(super) promoting: bool,
     pub(super) nbd_clients: u32,
     pub(super) stopping: bool,
     pub(super) rng: SplitMix64,
@@ -638,6 +642,7 @@ impl<T> Node<T> {
             last_error: None,
             last_rule: None,
             degraded_seq: 0,
+            promoting: false,
 
             nbd_clients: 0,
             stopping: false,
@@ -1016,6 +1021,7 @@ impl<T> Node<T> {
     }
 
     pub(super) fn do_promote(&mut self, cmd: u64, force: bool, connected: bool) {
+        self.promoting = true;
         // As DRBD's `forced`: `--force` counts only where it overrides
         // something, i.e. the data was not UpToDate. A forced rotation on
         // an UpToDate sync source would leave `current_unshared` set after
